@@ -1,0 +1,116 @@
+"""Request dependencies: settings, database sessions, the caller's identity."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app import crud
+from app.core.config import Settings, is_loopback_host
+from app.core.db import Database
+from app.crud import Owner
+from app.errors import ApiError
+from app.storage import Storage
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_database(request: Request) -> Database:
+    return request.app.state.db
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.db.session() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+
+    def __init__(self, detail: str):
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="sp2ot"'})
+
+
+class _KeyCache:
+    """Recently verified keys (hash -> owner) for a few seconds, so that pollers do not pay a
+    database round trip per request. A revoked key stops working within ``ttl`` seconds."""
+
+    def __init__(self, ttl: float = 5.0, size: int = 4096):
+        self.ttl = ttl
+        self.size = size
+        self._data: dict[str, tuple[float, Owner]] = {}
+
+    def get(self, key: str) -> Owner | None:
+        hit = self._data.get(key)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
+    def put(self, key: str, owner: Owner) -> None:
+        if len(self._data) >= self.size:
+            self._data.clear()
+        self._data[key] = (time.monotonic() + self.ttl, owner)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("The Authorization header must be `Bearer <API key>`.")
+    return value.strip()
+
+
+def current_owner(request: Request) -> Owner:
+    """The key's owner. Without a key: 401 when authentication is required; otherwise the
+    local owner, and only for clients on this machine."""
+    settings: Settings = request.app.state.settings
+    db: Database = request.app.state.db
+    key = _bearer(request)
+    if key is None:
+        if settings.auth_required:
+            raise Unauthorized(
+                "Authentication required: send `Authorization: Bearer <API key>` "
+                "(an administrator creates keys with `sp2ot create-api-key NAME`)."
+            )
+        client = request.client.host if request.client else ""
+        if client and client != "testclient" and not is_loopback_host(client):
+            raise Unauthorized(
+                "This server runs without authentication and only answers requests from its own machine. "
+                "Set SP2OT_AUTH_REQUIRED=true and use an API key to access it remotely."
+            )
+        cached = request.app.state.key_cache.get("")
+        if cached:
+            return cached
+        with db.session() as session:
+            owner = crud.local_owner(session)
+        request.app.state.key_cache.put("", owner)
+        return owner
+    cached = request.app.state.key_cache.get(key)
+    if cached:
+        return cached
+    with db.session() as session:
+        owner = crud.owner_for_key(session, key)
+    if owner is None:
+        raise Unauthorized("Invalid or revoked API key.")
+    request.app.state.key_cache.put(key, owner)
+    return owner
+
+
+OwnerDep = Annotated[Owner, Depends(current_owner)]

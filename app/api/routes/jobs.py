@@ -1,0 +1,485 @@
+"""/jobs: create (archive upload or dataset), follow, download results, cancel, delete."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from app import crud
+from app.api.deps import DatabaseDep, OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.archives import parse_truth, prepare_upload, write_truth
+from app.core.config import Settings
+from app.core.db import Database
+from app.crud import Owner
+from app.errors import ApiError, Conflict, NotFound, UploadRejected
+from app.models import Assignment, Dataset, Job, JobStatus, new_id
+from app.options import resolve_options
+from app.schemas import (
+    ErrorOut,
+    JobFromDataset,
+    JobList,
+    JobOut,
+    JobParams,
+    MetricsOut,
+)
+from app.storage import Storage
+from app.uploads import ReceivedForm, receive_multipart
+
+log = logging.getLogger("sp2ot.api")
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+ERRORS = {
+    401: {"model": ErrorOut, "description": "Missing or invalid API key"},
+    404: {"model": ErrorOut, "description": "No such job for this API key"},
+}
+TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "seed", "dataset_id"}
+CSV_BATCH = 5000
+
+
+def job_links(request: Request, job_id: str) -> dict[str, str]:
+    base = f"{request.scope.get('root_path', '')}/jobs/{job_id}"
+    return {"self": base, "labels": f"{base}/labels.csv", "metrics": f"{base}/metrics", "cancel": f"{base}/cancel"}
+
+
+def job_out(request: Request, job: Job) -> JobOut:
+    return JobOut.model_validate({
+        "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
+        "n_images": job.n_images,
+        "options": {"n_clusters": job.n_clusters, "backbone": job.backbone, "mode": job.mode, "epochs": job.epochs,
+                    "formulation": job.formulation, "seed": job.seed},
+        "has_truth": job.has_truth, "progress": job.progress or {}, "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts, "error": job.error, "summary": job.summary,
+        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "links": job_links(request, job.id),
+    })
+
+
+def _get_job_or_404(session, owner: Owner, job_id: str) -> Job:
+    job = crud.get_job(session, owner, job_id)
+    if job is None:
+        raise NotFound(f"No job {job_id!r} for this API key. List your jobs with GET /jobs.")
+    return job
+
+
+# --------------------------------------------------------------------------------- create
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["n_clusters"],
+    "properties": {
+        "archive": {"type": "string", "format": "binary",
+                    "description": "zip, tar, tar.gz, tar.bz2 or tar.xz of the images (or give dataset_id)"},
+        "dataset_id": {"type": "string", "description": "cluster a dataset uploaded with POST /datasets instead"},
+        "truth": {"type": "string", "format": "binary",
+                  "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics)"},
+        "n_clusters": {"type": "integer", "minimum": 2},
+        "backbone": {"type": "string", "example": "efficientnet_lite0"},
+        "mode": {"type": "string", "example": "fast"},
+        "epochs": {"type": "integer", "minimum": 1},
+        "formulation": {"type": "string", "example": "sp2ot"},
+        "seed": {"type": "integer", "minimum": 0},
+    },
+}
+_CREATE_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            "application/json": {"schema": JobFromDataset.model_json_schema()},
+        },
+    }
+}
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}")
+    return "Invalid job options: " + "; ".join(parts) + "."
+
+
+def _parse_params(fields: dict[str, Any], model=JobParams):
+    data = {k: v for k, v in fields.items() if v not in (None, "")}
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UploadRejected(_validation_message(e)) from None
+
+
+def _check_k(n_clusters: int, n_images: int) -> None:
+    if n_clusters > n_images:
+        raise UploadRejected(
+            f"n_clusters={n_clusters} is larger than the number of images ({n_images}). "
+            f"Choose n_clusters between 2 and {n_images}, or upload more images."
+        )
+
+
+def _replay(request: Request, job: Job) -> JSONResponse:
+    return JSONResponse(job_out(request, job).model_dump(mode="json"), status_code=200,
+                        headers={"Idempotent-Replayed": "true", "Location": job_links(request, job.id)["self"]})
+
+
+def _find_idempotent(db: Database, owner: Owner, key: str) -> Job | None:
+    with db.session() as s:
+        return crud.job_by_idempotency_key(s, owner, key)
+
+
+def _insert_job(db: Database, job: Job, idem_key: str | None, owner: Owner) -> tuple[Job, bool]:
+    """Insert; with an idempotency key already used concurrently, return that job instead."""
+    with db.session() as s:
+        s.add(job)
+        try:
+            s.commit()
+            s.refresh(job)
+            return job, True
+        except IntegrityError:
+            s.rollback()
+            if idem_key:
+                existing = crud.job_by_idempotency_key(s, owner, idem_key)
+                if existing is not None:
+                    return existing, False
+            raise
+
+
+def _image_names_of_folder(root) -> list[str]:
+    names = []
+    for dirpath, _dirs, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for f in files:
+            names.append(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}")
+    return names
+
+
+def _create_from_upload(
+    db: Database, settings: Settings, storage: Storage, owner: Owner, form: ReceivedForm, idem_key: str | None
+) -> tuple[Job, bool]:
+    """Runs in a worker thread: extract + scan + validate, then the job row. Cleans up on error."""
+    params = _parse_params({k: v for k, v in form.fields.items() if k != "dataset_id"})
+    opts = resolve_options(params, settings)
+    archive = form.files.get("archive")
+    dataset_id = form.fields.get("dataset_id") or None
+    if archive is not None and dataset_id:
+        raise UploadRejected("Send either an archive (field 'archive') or a dataset_id, not both.")
+    if archive is None and not dataset_id:
+        raise UploadRejected(
+            "No images: send the images as a zip/tar archive in the form field 'archive', "
+            "or the id of an uploaded dataset in 'dataset_id'."
+        )
+    truth = form.files.get("truth")
+    job_id = new_id()
+    job_dir = storage.job_dir(job_id)
+    try:
+        if archive is not None:
+            prepared = prepare_upload(archive.path, form.workdir / "images", settings)
+            _check_k(params.n_clusters, prepared.n_images)
+            truth_rows = parse_truth(truth.path, prepared.names) if truth is not None else None
+            job_dir.mkdir(parents=True)
+            os.replace(prepared.root, job_dir / "images")
+            job = Job(
+                id=job_id, owner_id=owner.id, idempotency_key=idem_key, input_path=storage.rel(job_dir / "images"),
+                owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=prepared.n_images,
+                input_skipped=[list(x) for x in prepared.skipped], has_truth=truth_rows is not None, **opts,
+            )
+        else:
+            with db.session() as s:
+                ds = crud.get_dataset(s, owner, dataset_id)
+                if ds is None:
+                    raise NotFound(f"No dataset {dataset_id!r} for this API key. List them with GET /datasets.")
+                _check_k(params.n_clusters, ds.n_images)
+                truth_rows = None
+                if truth is not None:
+                    skipped = {n for n, _ in ds.skipped}
+                    names = [n for n in _image_names_of_folder(storage.abs(ds.files_path)) if n not in skipped]
+                    truth_rows = parse_truth(truth.path, sorted(names))
+                job = _dataset_job(job_id, owner, ds, idem_key, opts, truth_rows is not None)
+            job_dir.mkdir(parents=True)
+        if truth_rows is not None:
+            write_truth(truth_rows, storage.truth_path(job_id))
+        job, created = _insert_job(db, job, idem_key, owner)
+        if not created:
+            storage.remove_job_files(job_id)
+        return job, created
+    except BaseException:
+        storage.remove_job_files(job_id)
+        raise
+
+
+def _dataset_job(job_id: str, owner: Owner, ds: Dataset, idem_key: str | None, opts: dict, has_truth: bool) -> Job:
+    return Job(
+        id=job_id, owner_id=owner.id, dataset_id=ds.id, idempotency_key=idem_key, input_path=ds.files_path,
+        owns_input=False, input_name=ds.name, n_images=ds.n_images, input_skipped=list(ds.skipped or []),
+        has_truth=has_truth, **opts,
+    )
+
+
+def _create_from_dataset(db: Database, settings: Settings, storage: Storage, owner: Owner,
+                         body: JobFromDataset, idem_key: str | None) -> tuple[Job, bool]:
+    opts = resolve_options(body, settings)
+    job_id = new_id()
+    with db.session() as s:
+        # Locks the dataset row so that it cannot be deleted while the job is being created.
+        ds = crud.get_dataset(s, owner, body.dataset_id, for_update=True)
+        if ds is None:
+            raise NotFound(f"No dataset {body.dataset_id!r} for this API key. List them with GET /datasets.")
+        _check_k(body.n_clusters, ds.n_images)
+        job = _dataset_job(job_id, owner, ds, idem_key, opts, False)
+        s.add(job)
+        try:
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+            existing = crud.job_by_idempotency_key(s, owner, idem_key) if idem_key else None
+            if existing is None:
+                raise
+            return existing, False
+        s.refresh(job)
+    return job, True
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    summary="Create a clustering job",
+    openapi_extra=_CREATE_OPENAPI,
+    responses={
+        200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key"},
+        401: ERRORS[401], 404: {"model": ErrorOut, "description": "Unknown dataset_id"},
+        413: {"model": ErrorOut, "description": "Upload over SP2OT_MAX_UPLOAD_BYTES"},
+        415: {"model": ErrorOut}, 422: {"model": ErrorOut, "description": "Invalid archive or options"},
+        503: {"model": ErrorOut, "description": "Job queue unreachable"},
+    },
+)
+async def create_job(
+    request: Request,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    db: DatabaseDep,
+    storage: StorageDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+):
+    """Upload images and start clustering them.
+
+    * `multipart/form-data`: the images as an archive in field **archive** (zip, tar,
+      tar.gz, tar.bz2, tar.xz) or a **dataset_id**, plus **n_clusters** and the optional
+      fields backbone, mode, epochs, formulation, seed, and an optional ground-truth CSV
+      `filename,label` in field **truth**.
+    * `application/json`: `{"dataset_id": "...", "n_clusters": 10, ...}`.
+
+    Answers **202** with the job and its links; poll `GET /jobs/{id}`. With an
+    **Idempotency-Key** header, a retry with the same key returns the first job (200) without
+    uploading or creating anything.
+    """
+    if idempotency_key:
+        existing = await run_in_threadpool(_find_idempotent, db, owner, idempotency_key)
+        if existing is not None:
+            return _replay(request, existing)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        raw = await request.body()
+        if len(raw) > 1 << 20:
+            raise ApiError("The JSON body is too large.", 413)
+        try:
+            payload = json.loads(raw or b"null")
+        except ValueError:
+            raise UploadRejected("The body is not valid JSON.") from None
+        if not isinstance(payload, dict):
+            raise UploadRejected('The JSON body must be an object like {"dataset_id": "...", "n_clusters": 10}.')
+        body = _parse_params(payload, JobFromDataset)
+        job, created = await run_in_threadpool(_create_from_dataset, db, settings, storage, owner, body, idempotency_key)
+    elif ctype == "multipart/form-data":
+        form = await receive_multipart(
+            request, storage.tmp, max_bytes=settings.max_upload_bytes,
+            file_fields={"archive": settings.max_upload_bytes, "truth": settings.max_truth_bytes},
+            text_fields=TEXT_FIELDS, chunk_bytes=settings.upload_chunk_bytes,
+        )
+        try:
+            job, created = await run_in_threadpool(
+                _create_from_upload, db, settings, storage, owner, form, idempotency_key
+            )
+        finally:
+            await run_in_threadpool(form.cleanup)
+    else:
+        raise ApiError(
+            "Unsupported Content-Type: send multipart/form-data (an archive in field 'archive') "
+            "or application/json ({\"dataset_id\": ..., \"n_clusters\": ...}).", 415,
+        )
+    if not created:
+        return _replay(request, job)
+    try:
+        await run_in_threadpool(request.app.state.dispatcher.submit, job.id)
+    except Exception:
+        await run_in_threadpool(_delete_job_everything, db, storage, job.id)
+        raise
+    log.info("job %s created by %s (%d images, K=%d)", job.id, owner.name, job.n_images, job.n_clusters)
+    return JSONResponse(job_out(request, job).model_dump(mode="json"), status_code=202,
+                        headers={"Location": job_links(request, job.id)["self"]})
+
+
+def _delete_job_everything(db: Database, storage: Storage, job_id: str) -> None:
+    with db.begin() as s:
+        crud.delete_job_rows(s, job_id)
+    storage.remove_job_files(job_id)
+
+
+# ----------------------------------------------------------------------------------- read
+@router.get("", response_model=JobList, responses={401: ERRORS[401], 422: {"model": ErrorOut}})
+def list_jobs(
+    request: Request,
+    owner: OwnerDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    status: Annotated[list[str] | None, Query(description="Filter: one or more statuses (repeat or comma-separate)")] = None,
+    dataset_id: Annotated[str | None, Query(max_length=64)] = None,
+):
+    """Your jobs, newest first."""
+    statuses = None
+    if status:
+        statuses = {s.strip().lower() for v in status for s in v.split(",") if s.strip()}
+        bad = statuses - set(JobStatus.ALL)
+        if bad:
+            raise UploadRejected(
+                f"Unknown status {', '.join(sorted(bad))}. Use one of: {', '.join(JobStatus.ALL)}."
+            )
+    rows, total = crud.list_jobs(session, owner, limit, offset, statuses, dataset_id)
+    return JobList(items=[job_out(request, j) for j in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+def get_job(job_id: str, request: Request, owner: OwnerDep, session: SessionDep):
+    """Status, progress (stage, percent, epoch, rho), timestamps, error or result summary."""
+    return job_out(request, _get_job_or_404(session, owner, job_id))
+
+
+def _require_success(job: Job, what: str) -> None:
+    if job.status == JobStatus.SUCCEEDED:
+        return
+    if job.status in JobStatus.ACTIVE:
+        msg = (f"Job {job.id} is {job.status}: its {what} are available once it has succeeded. "
+               f"Poll GET /jobs/{job.id} until status is 'succeeded'.")
+    elif job.status == JobStatus.FAILED:
+        msg = f"Job {job.id} failed, so it has no {what}: {job.error or 'unknown error'}"
+    else:
+        msg = f"Job {job.id} was cancelled, so it has no {what}. Create a new job."
+    raise Conflict(msg)
+
+
+@router.get(
+    "/{job_id}/labels.csv",
+    response_class=StreamingResponse,
+    responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job has not succeeded"},
+               200: {"content": {"text/csv": {}}, "description": "filename,cluster,confidence"}},
+)
+async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep):
+    """The cluster of every image: CSV `filename,cluster,confidence`, one row per image, in
+    the order of the image names, streamed from the database."""
+
+    def check() -> None:
+        with db.session() as s:
+            _require_success(_get_job_or_404(s, owner, job_id), "labels")
+
+    await run_in_threadpool(check)
+    return StreamingResponse(
+        _stream_labels(db, job_id),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="sp2ot-{job_id}-labels.csv"'},
+    )
+
+
+async def _stream_labels(db: Database, job_id: str):
+    """Rows are fetched in batches through a server-side cursor (``yield_per``) so memory
+    stays flat whatever the number of images."""
+    session = db.session()
+    try:
+        stmt = (
+            select(Assignment.filename, Assignment.cluster, Assignment.confidence)
+            .where(Assignment.job_id == job_id)
+            .order_by(Assignment.idx)
+            .execution_options(yield_per=CSV_BATCH)
+        )
+        result = await run_in_threadpool(session.execute, stmt)
+        yield b"filename,cluster,confidence\r\n"
+        while True:
+            rows = await run_in_threadpool(result.fetchmany, CSV_BATCH)
+            if not rows:
+                break
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerows((f, c, f"{p:.6f}") for f, c, p in rows)
+            yield buf.getvalue().encode("utf-8")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(session.close)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut,
+            responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job has not succeeded"}})
+def get_metrics(job_id: str, owner: OwnerDep, session: SessionDep):
+    """Cluster-size distribution, loss and rho curves; with a truth CSV, the paper's
+    metrics (acc, nmi, f1, ari, head/medium/tail acc)."""
+    job = _get_job_or_404(session, owner, job_id)
+    _require_success(job, "metrics")
+    summary = job.summary or {}
+    sizes = [int(x) for x in summary.get("cluster_sizes", [])]
+    nonempty = [x for x in sizes if x > 0]
+    n = len(sizes) or 1
+    mean = sum(sizes) / n
+    std = (sum((x - mean) ** 2 for x in sizes) / n) ** 0.5
+    history = job.history or []
+    extra = job.metrics or {}
+    return MetricsOut(
+        job_id=job.id, n_images=int(summary.get("n_images", 0)), n_clusters=job.n_clusters, cluster_sizes=sizes,
+        cluster_size_distribution={
+            "min": min(sizes, default=0), "max": max(sizes, default=0), "mean": mean, "std": std,
+            "imbalance_ratio": (max(nonempty) / min(nonempty)) if nonempty else None,
+            "empty_clusters": len(sizes) - len(nonempty),
+        },
+        history=history,
+        curves={"epoch": [h.get("epoch") for h in history], "loss": [h.get("loss") for h in history],
+                "rho": [h.get("rho") for h in history]},
+        evaluation=extra.get("evaluation"),
+        truth=extra.get("truth"),
+    )
+
+
+# ------------------------------------------------------------------------- cancel/delete
+@router.post("/{job_id}/cancel", response_model=JobOut,
+             responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job already finished"}})
+def cancel_job(job_id: str, request: Request, owner: OwnerDep, session: SessionDep):
+    """Cancel a queued job at once, or ask a running one to stop after its current training
+    step (status becomes `cancelled` within about a second). Cancelling a cancelled job is a
+    no-op; a succeeded or failed job cannot be cancelled (409)."""
+    job = _get_job_or_404(session, owner, job_id)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise Conflict(f"Job {job.id} already {job.status}; there is nothing to cancel. Delete it with DELETE /jobs/{job.id}.")
+    if job.status in JobStatus.ACTIVE:
+        job = crud.request_cancel(session, job)
+    return job_out(request, job)
+
+
+@router.delete("/{job_id}", status_code=204, responses=ERRORS)
+def delete_job(job_id: str, owner: OwnerDep, session: SessionDep, storage: StorageDep):
+    """Delete a job, its results and its uploaded files. A running job is stopped first (its
+    worker notices the job is gone within about a second). A dataset used by the job is kept."""
+    job = _get_job_or_404(session, owner, job_id)
+    crud.delete_job_rows(session, job.id)
+    session.commit()
+    # The job folder holds its own images (archive upload) and truth CSV; a dataset's images
+    # live in the dataset's folder and are kept.
+    storage.remove_job_files(job.id)
+    return Response(status_code=204)

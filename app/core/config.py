@@ -1,0 +1,159 @@
+"""All service settings, read once from ``SP2OT_*`` environment variables.
+
+There is exactly one settings object (:class:`Settings`); every other module receives it
+(the API through ``app.state.settings``, the worker through :func:`get_settings`).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def _default_data_dir() -> Path:
+    """``~/.sp2ot`` when the home directory is writable, else ``./.sp2ot-data``."""
+    home = Path(os.path.expanduser("~"))
+    try:
+        if home.is_dir() and os.access(home, os.W_OK):
+            return home / ".sp2ot"
+    except OSError:  # pragma: no cover - exotic home directories
+        pass
+    return Path.cwd() / ".sp2ot-data"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for hosts that only accept connections from this machine."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field is set by the environment variable
+    ``SP2OT_<FIELD NAME IN UPPER CASE>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SP2OT_", extra="ignore", validate_default=True)
+
+    # --- storage -------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Uploads, extracted datasets, SQLite file.")
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL; empty = SQLite file <data_dir>/sp2ot.db. "
+        "PostgreSQL: postgresql+psycopg://user:pass@host/db",
+    )
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(20, ge=0)
+    run_migrations: bool = Field(True, description="Apply `alembic upgrade head` when the API or a worker starts.")
+
+    # --- HTTP server -----------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    auth_required: bool = Field(
+        False,
+        description="Require `Authorization: Bearer KEY` on every request. Without it the server "
+        "refuses to listen on anything but a loopback address and answers only local clients.",
+    )
+    log_level: str = "info"
+
+    # --- queue / worker ----------------------------------------------------------------
+    broker_url: str = Field("", description="Celery broker (redis://...). Empty = in-process worker threads.")
+    broker_key_prefix: str = Field("", description="Prefix for every Redis key (isolates several deployments/tests).")
+    queue: str = "sp2ot"
+    broker_visibility_timeout: int | None = Field(
+        None,
+        ge=1,
+        description="Seconds before an unacknowledged task (worker died) is delivered again. "
+        "Default: task_time_limit + 600 so a long job is never delivered twice while it runs.",
+    )
+    broker_restore_interval: float = Field(10.0, gt=0, description="How often workers look for such tasks.")
+    worker_concurrency: int = Field(1, ge=1, description="Jobs run at once by one worker (1 per GPU).")
+    embedded_workers: int = Field(1, ge=1, description="Threads running jobs inside the API when broker_url is empty.")
+    task_soft_time_limit: int = Field(6 * 3600, ge=1, description="A job running longer fails with a clear message.")
+    task_time_limit: int = Field(6 * 3600 + 300, ge=1, description="Hard limit: the worker process is killed.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="A running job's worker refreshes its heartbeat this often.")
+    heartbeat_timeout: float = Field(
+        60.0, gt=0, description="A running job whose heartbeat is older is considered abandoned and taken over."
+    )
+    progress_interval: float = Field(0.5, ge=0, description="Minimum seconds between two progress writes.")
+    cancel_check_interval: float = Field(0.5, ge=0, description="Minimum seconds between two cancel-flag reads.")
+
+    # --- engine ---------------------------------------------------------------------------
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    estimator: str = Field(
+        "sp2ot_engine:SP2OTClustering", description="module:Class of the estimator (a test seam; keep the default)."
+    )
+    default_backbone: str = "efficientnet_lite0"
+    default_mode: str = "fast"
+    default_formulation: str = "sp2ot"
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    max_epochs: int = Field(1000, ge=1, description="Largest `epochs` a job may ask for.")
+    max_clusters: int = Field(10_000, ge=2)
+
+    # --- upload limits --------------------------------------------------------------------
+    max_upload_bytes: int = Field(2 * GiB, ge=1, description="Largest request body (archive + fields); larger = 413.")
+    max_truth_bytes: int = Field(64 * MiB, ge=1)
+    max_archive_files: int = Field(100_000, ge=1)
+    max_uncompressed_bytes: int = Field(10 * GiB, ge=1, description="Largest total size of the extracted files.")
+    max_compression_ratio: float = Field(
+        100.0, gt=1, description="Uncompressed/compressed ratio above which an archive is a bomb ..."
+    )
+    compression_ratio_floor: int = Field(
+        64 * MiB, ge=0, description="... once its uncompressed size exceeds this many bytes."
+    )
+    upload_chunk_bytes: int = Field(1 * MiB, ge=4096)
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(os.path.expanduser(str(v))).absolute()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.task_time_limit <= self.task_soft_time_limit:
+            self.task_time_limit = self.task_soft_time_limit + 60
+        return self
+
+    # --- derived values ---------------------------------------------------------------------
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'sp2ot.db'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    @property
+    def embedded(self) -> bool:
+        """No broker: jobs run in threads of the API process."""
+        return not self.broker_url
+
+    @property
+    def visibility_timeout(self) -> int:
+        return self.broker_visibility_timeout or (self.task_time_limit + 600)
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.tmp_dir, self.data_dir / "datasets", self.data_dir / "jobs"):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (worker and CLI). The API uses ``app.state.settings``."""
+    return Settings()

@@ -1,0 +1,142 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Run it with ``sp2ot serve`` (or ``uvicorn --factory app.main:create_app``). At start-up it
+applies the database migrations, creates the data dir, removes upload leftovers, and, in the
+embedded mode (no broker), resumes the jobs a previous run left unfinished.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.api.deps import _KeyCache
+from app.api.routes import datasets, health, jobs
+from app.core.config import Settings, is_loopback_host
+from app.core.db import Database, run_migrations
+from app.dispatch import make_dispatcher
+from app.errors import ApiError
+from app.storage import Storage
+
+log = logging.getLogger("sp2ot.api")
+
+
+class InsecureConfiguration(RuntimeError):
+    pass
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve without authentication on anything but a loopback address."""
+    if not settings.auth_required and not is_loopback_host(settings.host):
+        raise InsecureConfiguration(
+            f"Refusing to listen on {settings.host} without authentication. Either listen on 127.0.0.1 "
+            "(the default) or set SP2OT_AUTH_REQUIRED=true and create API keys with `sp2ot create-api-key NAME`."
+        )
+
+
+def _error_messages(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        where = ".".join(loc) or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "Invalid request: " + "; ".join(parts) + "."
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"No such endpoint: {request.method} {request.url.path}. See /docs for the API."
+        elif exc.status_code == 405:
+            detail = f"Method {request.method} is not allowed on {request.url.path}. See /docs for the API."
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": _error_messages(exc), "errors": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"detail": f"Internal server error (reference {ref}). The error was logged; please report it."},
+            status_code=500,
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    check_exposure(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        storage = Storage(settings)
+        storage.ensure()
+        removed = storage.clean_stale_tmp()
+        if removed:
+            log.info("removed %d stale upload folder(s)", removed)
+        if settings.run_migrations:
+            await run_in_threadpool(run_migrations, settings)
+        db = Database(settings)
+        app.state.db = db
+        app.state.storage = storage
+        app.state.dispatcher = make_dispatcher(settings, db)
+        # The image scanner pulls in torch: import it now rather than during the first upload.
+        await run_in_threadpool(_warm_up)
+        await run_in_threadpool(app.state.dispatcher.recover, db)
+        log.info("sp2ot API ready (database %s, workers %s, data dir %s)",
+                 db.engine.dialect.name, app.state.dispatcher.mode, settings.data_dir)
+        try:
+            yield
+        finally:
+            app.state.dispatcher.shutdown()
+            db.dispose()
+
+    app = FastAPI(
+        title="sp2ot",
+        version=__version__,
+        description=(
+            "Image clustering with SP2OT (imbalanced / long-tailed data). Upload an archive of images to "
+            "`POST /jobs`, poll `GET /jobs/{id}`, download `GET /jobs/{id}/labels.csv`. Authenticate with "
+            "`Authorization: Bearer <API key>` (keys are created with `sp2ot create-api-key NAME`). "
+            'Every error is JSON: `{"detail": "what went wrong and how to fix it"}`.'
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.key_cache = _KeyCache()
+    install_error_handlers(app)
+    app.include_router(jobs.router)
+    app.include_router(datasets.router)
+    app.include_router(health.router)
+    return app
+
+
+def _warm_up() -> None:
+    try:
+        import sp2ot_engine.images  # noqa: F401
+    except Exception:  # pragma: no cover - reported on first use
+        log.warning("cannot import sp2ot_engine.images", exc_info=True)
+
+
+def __getattr__(name: str):
+    # `uvicorn app.main:app` works too (settings from the environment).
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

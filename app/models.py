@@ -1,0 +1,139 @@
+"""Database tables (SQLAlchemy 2 typed declarative models).
+
+The schema exists only through the Alembic migrations in ``migrations/``; a test checks
+that the migrations and these models agree.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    ACTIVE = (QUEUED, RUNNING)
+    TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # sha256 hex of the key; the key itself is shown once and never stored.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(512))
+    # Folder of the extracted images, relative to the data dir.
+    files_path: Mapped[str] = mapped_column(String(1024))
+    archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    uncompressed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_images: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        Index("ix_jobs_owner_created", "owner_id", "created_at"),
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_dataset", "dataset_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Folder of the images the job clusters, relative to the data dir; owned by the job
+    # (deleted with it) unless it is a dataset's folder.
+    input_path: Mapped[str] = mapped_column(String(1024))
+    owns_input: Mapped[bool] = mapped_column(Boolean, default=True)
+    input_name: Mapped[str] = mapped_column(String(512), default="")
+
+    n_clusters: Mapped[int] = mapped_column(Integer)
+    backbone: Mapped[str] = mapped_column(String(100))
+    mode: Mapped[str] = mapped_column(String(20))
+    epochs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    formulation: Mapped[str] = mapped_column(String(40))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    has_truth: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Images found and files skipped when the upload was checked (before training).
+    n_images: Mapped[int] = mapped_column(Integer, default=0)
+    input_skipped: Mapped[list[Any]] = mapped_column(default=list)
+
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Incremented each time a worker (re)starts the job; a worker whose attempt is no
+    # longer current has been superseded and must not write anything.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    history: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Assignment(Base):
+    """One clustered image of a succeeded job."""
+
+    __tablename__ = "assignments"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    filename: Mapped[str] = mapped_column(Text)
+    cluster: Mapped[int] = mapped_column(Integer)
+    confidence: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,27 @@
+"""Job options: server defaults and validation before a job is queued."""
+from __future__ import annotations
+
+from typing import Any
+
+from app.core.config import Settings
+from app.errors import UploadRejected
+from app.schemas import JobParams
+
+
+def resolve_options(params: JobParams, settings: Settings) -> dict[str, Any]:
+    """The options stored on the job row (defaults filled in), or a 422 naming the bad one."""
+    opts = {
+        "n_clusters": params.n_clusters,
+        "backbone": params.backbone or settings.default_backbone,
+        "mode": params.mode or settings.default_mode,
+        "epochs": params.epochs,
+        "formulation": params.formulation or settings.default_formulation,
+        "seed": params.seed,
+    }
+    if opts["n_clusters"] > settings.max_clusters:
+        raise UploadRejected(f"n_clusters={opts['n_clusters']} is above the server limit of {settings.max_clusters}.")
+    if opts["epochs"] is not None and opts["epochs"] > settings.max_epochs:
+        raise UploadRejected(
+            f"epochs={opts['epochs']} is above the server limit of {settings.max_epochs} (SP2OT_MAX_EPOCHS)."
+        )
+    return opts

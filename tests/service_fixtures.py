@@ -1,0 +1,386 @@
+"""Fixtures and helpers of the service tests (API, worker, compose).
+
+Loaded by the service test modules with ``pytest_plugins = ["service_fixtures"]`` (no
+conftest.py). What they need from this machine:
+
+* PostgreSQL on 127.0.0.1:5432 (``SP2OT_TEST_PG``, default
+  ``postgresql+psycopg://postgres@127.0.0.1:5432/test``): a uniquely named database is
+  created for the test session and dropped after;
+* Redis on 127.0.0.1:6379 (``SP2OT_TEST_REDIS``, default ``redis://127.0.0.1:6379/0``): every
+  key of the session carries a unique prefix (removed after), and the queue name is unique;
+* a Celery worker subprocess (``python -m app.cli worker --pool solo``) started by the tests.
+
+Tests needing PostgreSQL or Redis skip, with the reason, when these do not answer.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+PG_ADMIN_URL = os.environ.get("SP2OT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("SP2OT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+# Small, fast engine settings for end-to-end jobs (seconds on a CPU).
+ENGINE_OPTIONS = {"backbone": "efficientnet_lite0", "mode": "fast", "epochs": 2}
+
+
+# ---------------------------------------------------------------------------------- images
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
+
+
+def shape_png(shape: str, colour: tuple[int, int, int], size: int = 48, seed: int = 0) -> bytes:
+    """A tiny PNG: a coloured shape on a light background, slightly jittered."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    bg = tuple(235 + rng.randint(-15, 15) for _ in range(3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    m = rng.randint(4, 10)
+    box = (m, m, size - m - rng.randint(0, 4), size - m - rng.randint(0, 4))
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "square":
+        d.rectangle(box, fill=colour)
+    else:
+        d.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=colour)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_set(n: int = 24, prefix: str = "img", folder: str = "") -> dict[str, bytes]:
+    """``n`` images of 3 kinds (red circles, green squares, blue triangles): name -> PNG."""
+    kinds = [("circle", "red"), ("square", "green"), ("triangle", "blue")]
+    out = {}
+    for i in range(n):
+        shape, colour = kinds[i % 3]
+        name = f"{folder}{prefix}_{i:03d}_{colour}_{shape}.png"
+        out[name] = shape_png(shape, COLOURS[colour], seed=i)
+    return out
+
+
+def truth_csv(files: dict[str, str | bytes]) -> bytes:
+    lines = ["filename,label"]
+    for name in files:
+        base = name.rsplit("/", 1)[-1]
+        if base.endswith(".png") and "_" in base:
+            lines.append(f"{name},{base.rsplit('_', 1)[-1][:-4]}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def make_zip(files: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def make_tar(files: dict[str, bytes], mode: str = "w:gz", links: dict[str, tuple[str, str]] | None = None) -> bytes:
+    """``links``: name -> ("sym"|"hard", target)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, (kind, target) in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+            info.linkname = target
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------- fake estimator
+class FakeClustering:
+    """Follows the engine contract, for tests that need a controllable duration (e.g. a job
+    slow enough to be cancelled). Clusters by dominant colour. Environment knobs (so that a
+    worker subprocess can use it): SP2OT_FAKE_STEPS, SP2OT_FAKE_STEP_DELAY."""
+
+    def __init__(self, n_clusters, backbone="efficientnet_lite0", mode="fast", epochs=None, formulation="sp2ot",
+                 device="auto", seed=0, batch_size=64, num_workers=0):
+        if n_clusters < 2:
+            raise ValueError("n_clusters must be >= 2")
+        self.n_clusters = n_clusters
+        self.epochs = epochs or 2
+
+    def fit(self, path, progress=None, should_stop=None):
+        import numpy as np
+        from PIL import Image
+
+        from sp2ot_engine import Cancelled
+        from sp2ot_engine.images import scan_images
+
+        coll = scan_images(path)
+        if len(coll) < self.n_clusters:
+            raise ValueError(f"n_clusters={self.n_clusters} but only {len(coll)} images")
+        steps = int(os.environ.get("SP2OT_FAKE_STEPS", "10"))
+        delay = float(os.environ.get("SP2OT_FAKE_STEP_DELAY", "0.02"))
+        self.history_ = []
+        for step in range(steps):
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped")
+            time.sleep(delay)
+            epoch = step * self.epochs // steps
+            if progress:
+                progress({"stage": "training", "percent": 100 * step / steps, "epoch": epoch, "step": step,
+                          "total_steps": steps, "loss": 1.0 / (step + 1), "rho": min(1.0, 0.1 + step / steps)})
+            if step == steps - 1 or (step + 1) * self.epochs // steps != epoch:
+                self.history_.append({"epoch": epoch, "loss": 1.0 / (step + 1), "rho": min(1.0, 0.1 + step / steps)})
+        labels = []
+        for i in range(len(coll)):
+            arr = np.asarray(Image.open(os.path.join(path, coll.names[i])).convert("RGB"), dtype=float)
+            mask = arr.sum(axis=2) < 600
+            colour = arr[mask].mean(axis=0) if mask.any() else arr.reshape(-1, 3).mean(axis=0)
+            labels.append(int(np.argmax(colour)) % self.n_clusters)
+        self.filenames_ = list(coll.names)
+        self.labels_ = np.array(labels, dtype=np.int64)
+        self.confidences_ = np.full(len(labels), 0.9)
+        self.cluster_sizes_ = np.bincount(self.labels_, minlength=self.n_clusters)
+        self.skipped_ = list(coll.skipped)
+        if progress:
+            progress({"stage": "done", "percent": 100})
+        return self
+
+
+def real_engine_available() -> bool:
+    try:
+        from sp2ot_engine import SP2OTClustering  # noqa: F401
+        from sp2ot_engine.metrics import evaluate  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------- services
+def _pg_admin():
+    import psycopg
+
+    url = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    return psycopg.connect(url, autocommit=True, connect_timeout=3)
+
+
+def postgres_available() -> str | None:
+    try:
+        with _pg_admin() as conn:
+            conn.execute("SELECT 1")
+        return None
+    except Exception as e:
+        return f"PostgreSQL not reachable at {PG_ADMIN_URL} ({type(e).__name__}: {e})"
+
+
+def redis_available() -> str | None:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        return None
+    except Exception as e:
+        return f"Redis not reachable at {REDIS_URL} ({type(e).__name__}: {e})"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session (dropped afterwards)."""
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    name = f"sp2ot_test_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with _pg_admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_ns() -> Iterator[dict[str, str]]:
+    """A unique key prefix and queue name on the local Redis (keys removed afterwards)."""
+    reason = redis_available()
+    if reason:
+        pytest.skip(reason)
+    import redis
+
+    tag = uuid.uuid4().hex[:10]
+    ns = {"url": REDIS_URL, "prefix": f"sp2ot-test-{tag}:", "queue": f"sp2ot-test-{tag}"}
+    yield ns
+    r = redis.Redis.from_url(REDIS_URL)
+    for key in r.scan_iter(match=f"{ns['prefix']}*", count=1000):
+        r.delete(key)
+    # kombu keeps a few global bookkeeping keys with the prefix too.
+    for key in r.scan_iter(match=f"*{ns['queue']}*", count=1000):
+        r.delete(key)
+
+
+def service_env(*, data_dir: Path, database_url: str = "", redis: dict[str, str] | None = None,
+                estimator: str | None = None, **extra: str) -> dict[str, str]:
+    """SP2OT_* variables for an API or worker process of the tests."""
+    env = {
+        "SP2OT_DATA_DIR": str(data_dir),
+        "SP2OT_DATABASE_URL": database_url,
+        "SP2OT_BROKER_URL": redis["url"] if redis else "",
+        "SP2OT_BROKER_KEY_PREFIX": redis["prefix"] if redis else "",
+        "SP2OT_QUEUE": redis["queue"] if redis else "sp2ot",
+        "SP2OT_BROKER_VISIBILITY_TIMEOUT": "6",
+        "SP2OT_BROKER_RESTORE_INTERVAL": "1",
+        "SP2OT_HEARTBEAT_INTERVAL": "0.5",
+        "SP2OT_HEARTBEAT_TIMEOUT": "3",
+        "SP2OT_PROGRESS_INTERVAL": "0.2",
+        "SP2OT_CANCEL_CHECK_INTERVAL": "0.2",
+        "SP2OT_DEVICE": "cpu",
+        "SP2OT_BATCH_SIZE": "16",
+    }
+    if estimator:
+        env["SP2OT_ESTIMATOR"] = estimator
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def settings_from(env: dict[str, str]):
+    from app.core.config import Settings
+
+    kwargs = {k[len("SP2OT_"):].lower(): v for k, v in env.items() if k.startswith("SP2OT_")}
+    return Settings(**kwargs)
+
+
+def subprocess_env(env: dict[str, str]) -> dict[str, str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SP2OT_")}
+    full.update(env)
+    full["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), full.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    full["PYTHONUNBUFFERED"] = "1"
+    return full
+
+
+class WorkerProcess:
+    """A real Celery worker (``python -m app.cli worker --pool solo``) in its own process group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str):
+        self.env = env
+        self.log_path = log_path
+        self.name = name
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", "--pool", "solo", "--loglevel", "INFO",
+             "--hostname", f"{self.name}@%h"],
+            cwd=str(REPO), env=subprocess_env(self.env), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if b"ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "replace")[-6000:]
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the worker dies without acknowledging anything."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ clients
+def create_key(settings, name: str = "tester") -> str:
+    from app import crud
+    from app.core.db import Database
+
+    db = Database(settings)
+    try:
+        with db.session() as s:
+            _, key = crud.create_api_key(s, name)
+            s.commit()
+    finally:
+        db.dispose()
+    return key
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload_job(client, key: str | None, archive: bytes, filename: str = "images.zip", truth: bytes | None = None,
+               headers: dict[str, str] | None = None, **fields):
+    files = {"archive": (filename, archive, "application/octet-stream")}
+    if truth is not None:
+        files["truth"] = ("truth.csv", truth, "text/csv")
+    data = {k: str(v) for k, v in fields.items() if v is not None}
+    h = dict(auth(key)) if key else {}
+    h.update(headers or {})
+    return client.post("/jobs", files=files, data=data, headers=h)
+
+
+def wait_for(client, key: str, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 120,
+             predicate: Callable[[dict], bool] | None = None) -> dict:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        r = client.get(f"/jobs/{job_id}", headers=auth(key) if key else {})
+        assert r.status_code == 200, r.text
+        last = r.json()
+        if last["status"] in statuses or (predicate is not None and predicate(last)):
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {last and last['status']} after {timeout}s: {last}")
+
+
+@contextmanager
+def api_client(settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())

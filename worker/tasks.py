@@ -1,0 +1,441 @@
+"""The job runner: ``run_job(job_id)`` (Celery task) and :func:`execute_job` (the same work,
+also used by the in-process worker threads of the API).
+
+Guarantees:
+
+* **idempotent**: a job is run only from ``queued`` (or ``running`` with a stale heartbeat,
+  i.e. its worker died); a terminal job is never run again;
+* **attempt token**: each start increments ``jobs.attempts``; every later write of this run
+  (progress, heartbeat, result) is conditional on that number, so a superseded run (its
+  worker was presumed dead, or the job was deleted) writes nothing and stops;
+* **one transaction** finalises a success: the status update, the deletion of any earlier
+  assignment rows and the bulk insert (``COPY`` on PostgreSQL) of the new ones;
+* **progress** is written at most every ``progress_interval`` seconds (and at each stage
+  change); the cancel flag is read at most every ``cancel_check_interval`` seconds, from
+  the engine's ``should_stop`` callback, i.e. between training steps;
+* a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import math
+import os
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from app.archives import read_truth
+from app.core.config import Settings, get_settings
+from app.core.db import Database
+from app.models import Assignment, Job, JobStatus, utcnow
+from app.storage import Storage
+from worker.celery_app import celery_app
+
+log = logging.getLogger("sp2ot.worker")
+
+MAX_SKIPPED_REPORTED = 1000
+_PROGRESS_KEYS = ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
+
+_db: Database | None = None
+_db_pid: int | None = None
+_db_lock = threading.Lock()
+
+
+def reset_database() -> None:
+    global _db, _db_pid
+    _db, _db_pid = None, None
+
+
+def worker_database(settings: Settings) -> Database:
+    """One engine per worker process (recreated after a fork)."""
+    global _db, _db_pid
+    with _db_lock:
+        if _db is None or _db_pid != os.getpid():
+            _db, _db_pid = Database(settings), os.getpid()
+        return _db
+
+
+@celery_app.task(name="sp2ot.run_job", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(self, job_id: str) -> str:
+    settings = get_settings()
+    outcome = execute_job(
+        job_id, db=worker_database(settings), settings=settings, worker_name=self.request.hostname or "celery"
+    )
+    if outcome == "busy":
+        # Another live worker runs it (a redelivery while it is still working): look again
+        # later, in case that worker dies; this message is acknowledged.
+        raise self.retry(countdown=settings.heartbeat_timeout, max_retries=None)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+def _num(v: Any, kind: type) -> Any:
+    if v is None:
+        return None
+    try:
+        x = kind(v.item() if hasattr(v, "item") else v)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def clean_progress(info: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in _PROGRESS_KEYS:
+        v = info.get(k)
+        if k == "stage":
+            out[k] = None if v is None else str(v)[:40]
+        elif k in ("epoch", "step", "total_steps"):
+            out[k] = _num(v, int)
+        elif k == "percent":
+            p = _num(v, float)
+            out[k] = None if p is None else round(min(100.0, max(0.0, p)), 2)
+        else:
+            out[k] = _num(v, float)
+    return out
+
+
+def clean_history(history: Any) -> list[dict[str, Any]]:
+    out = []
+    for h in history or []:
+        if isinstance(h, dict):
+            out.append({"epoch": _num(h.get("epoch"), int), "loss": _num(h.get("loss"), float),
+                        "rho": _num(h.get("rho"), float)})
+    return out
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
+def load_estimator_class(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr or "SP2OTClustering")
+
+
+# ---------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class JobRun:
+    """Callbacks and bookkeeping of one attempt of one job."""
+
+    def __init__(self, db: Database, settings: Settings, job_id: str, attempt: int):
+        self.db = db
+        self.settings = settings
+        self.job_id = job_id
+        self.attempt = attempt
+        self.stop_reason: str | None = None  # "cancel", "superseded", "timeout"
+        self.deadline = time.monotonic() + settings.task_soft_time_limit
+        self._last_progress = 0.0
+        self._last_stage: str | None = None
+        self._last_check = 0.0
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+
+    def _mine(self):
+        return (Job.id == self.job_id, Job.attempts == self.attempt)
+
+    # --- progress(info) ---------------------------------------------------------------------
+    def progress(self, info: dict[str, Any]) -> None:
+        try:
+            p = clean_progress(info if isinstance(info, dict) else {})
+            now = time.monotonic()
+            if p["stage"] == self._last_stage and now - self._last_progress < self.settings.progress_interval:
+                return
+            self._last_progress, self._last_stage = now, p["stage"]
+            self.write_progress(p)
+        except Exception:  # progress must never break training
+            log.warning("job %s: cannot record progress", self.job_id, exc_info=True)
+
+    def write_progress(self, p: dict[str, Any]) -> None:
+        with self.db.begin() as s:
+            res = s.execute(
+                update(Job).where(*self._mine(), Job.status == JobStatus.RUNNING)
+                .values(progress=p, heartbeat_at=utcnow())
+            )
+        if not res.rowcount:
+            self.stop_reason = self.stop_reason or "superseded"
+
+    # --- should_stop() ----------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        if self.stop_reason:
+            return True
+        now = time.monotonic()
+        if now > self.deadline:
+            self.stop_reason = "timeout"
+            return True
+        if now - self._last_check < self.settings.cancel_check_interval:
+            return False
+        self._last_check = now
+        try:
+            with self.db.session() as s:
+                row = s.execute(select(Job.attempts, Job.cancel_requested, Job.status).where(Job.id == self.job_id)).first()
+        except Exception:
+            log.warning("job %s: cannot read the cancel flag", self.job_id, exc_info=True)
+            return False
+        if row is None or row.attempts != self.attempt or row.status != JobStatus.RUNNING:
+            self.stop_reason = "superseded"
+        elif row.cancel_requested:
+            self.stop_reason = "cancel"
+        return bool(self.stop_reason)
+
+    # --- heartbeat --------------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._hb_stop.wait(self.settings.heartbeat_interval):
+                try:
+                    with self.db.begin() as s:
+                        res = s.execute(update(Job).where(*self._mine()).values(heartbeat_at=utcnow()))
+                    if not res.rowcount:
+                        self.stop_reason = self.stop_reason or "superseded"
+                        return
+                except Exception:
+                    log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+        self._hb_thread = threading.Thread(target=beat, name=f"sp2ot-heartbeat-{self.job_id[:8]}", daemon=True)
+        self._hb_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=5)
+
+    # --- endings ----------------------------------------------------------------------------
+    def finish(self, status: str, error: str | None = None, stage: str | None = None) -> bool:
+        with self.db.begin() as s:
+            job = s.scalars(select(Job).where(*self._mine()).with_for_update()).first()
+            if job is None or job.status != JobStatus.RUNNING:
+                return False
+            job.status = status
+            job.error = error
+            job.finished_at = utcnow()
+            job.progress = {**(job.progress or {}), "stage": stage or status}
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+def _claim(db: Database, job_id: str, worker_name: str, settings: Settings, takeover: bool):
+    """Move the job to ``running`` for a new attempt. Returns (attempt, job snapshot),
+    "busy" when another live worker runs it, or None when there is nothing to do."""
+    now = utcnow()
+    with db.begin() as s:
+        job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None or job.status in JobStatus.TERMINAL:
+            return None
+        if job.cancel_requested:
+            job.status = JobStatus.CANCELLED
+            job.finished_at = now
+            job.progress = {**(job.progress or {}), "stage": "cancelled"}
+            return None
+        if job.status == JobStatus.RUNNING and not takeover:
+            hb = _aware(job.heartbeat_at)
+            if hb is not None and now - hb < timedelta(seconds=settings.heartbeat_timeout):
+                return "busy"
+            log.warning("job %s: previous worker %s stopped answering; starting it again", job_id, job.worker)
+        job.status = JobStatus.RUNNING
+        job.attempts += 1
+        job.started_at = now
+        job.heartbeat_at = now
+        job.worker = worker_name[:255]
+        job.error = None
+        job.progress = {"stage": "loading", "percent": 0.0}
+        snapshot = {
+            "input_path": job.input_path, "n_clusters": job.n_clusters, "backbone": job.backbone,
+            "mode": job.mode, "epochs": job.epochs, "formulation": job.formulation, "seed": job.seed,
+            "has_truth": job.has_truth, "input_skipped": list(job.input_skipped or []),
+        }
+        return job.attempts, snapshot
+
+
+def bulk_insert_assignments(session, job_id: str, filenames, labels, confidences) -> None:
+    rows = ((job_id, i, str(f), int(c), float(p)) for i, (f, c, p) in enumerate(zip(filenames, labels, confidences)))
+    if session.bind.dialect.name == "postgresql":
+        raw = session.connection().connection.driver_connection  # psycopg 3, same transaction
+        with raw.cursor() as cur:
+            with cur.copy("COPY assignments (job_id, idx, filename, cluster, confidence) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        return
+    batch: list[dict[str, Any]] = []
+    for job, idx, f, c, p in rows:
+        batch.append({"job_id": job, "idx": idx, "filename": f, "cluster": c, "confidence": p})
+        if len(batch) >= 10_000:
+            session.execute(insert(Assignment), batch)
+            batch = []
+    if batch:
+        session.execute(insert(Assignment), batch)
+
+
+def _evaluation(storage: Storage, job_id: str, filenames: list[str], labels) -> dict[str, Any]:
+    truth = read_truth(storage.truth_path(job_id))
+    pairs = [(truth[f], int(c)) for f, c in zip(filenames, labels) if f in truth]
+    classes = sorted({t for t, _ in pairs})
+    info: dict[str, Any] = {"truth": {"n_labelled": len(pairs), "n_classes": len(classes)}, "evaluation": None}
+    if len(pairs) < 2:
+        info["evaluation_error"] = "fewer than 2 clustered images have a ground-truth label"
+        return info
+    import numpy as np
+
+    from sp2ot_engine.metrics import evaluate
+
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[t] for t, _ in pairs], dtype=np.int64)
+    y_pred = np.array([c for _, c in pairs], dtype=np.int64)
+    try:
+        scores = evaluate(y_true, y_pred)
+        info["evaluation"] = {str(k): _num(v, float) for k, v in scores.items()}
+    except Exception as e:  # metrics must not fail an otherwise good job
+        log.warning("job %s: evaluation failed", job_id, exc_info=True)
+        info["evaluation_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def _merge_skipped(*lists) -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for lst in lists:
+        for item in lst or []:
+            name, reason = (item[0], item[1]) if not isinstance(item, dict) else (item["name"], item["reason"])
+            seen.setdefault(str(name), str(reason))
+    return sorted(seen.items())
+
+
+def execute_job(
+    job_id: str,
+    *,
+    db: Database,
+    settings: Settings,
+    worker_name: str = "worker",
+    takeover: bool = False,
+) -> str:
+    """Run one job to its end. Returns the outcome: succeeded, failed, cancelled,
+    superseded, skipped (nothing to do) or busy (another live worker runs it)."""
+    claimed = _claim(db, job_id, worker_name, settings, takeover)
+    if claimed is None:
+        return "skipped"
+    if claimed == "busy":
+        return "busy"
+    attempt, job = claimed
+    storage = Storage(settings)
+    run = JobRun(db, settings, job_id, attempt)
+    run.start_heartbeat()
+    log.info("job %s: attempt %d started on %s", job_id, attempt, worker_name)
+    est = None
+    try:
+        from sp2ot_engine import Cancelled
+
+        try:
+            from celery.exceptions import SoftTimeLimitExceeded
+        except ImportError:  # pragma: no cover
+            SoftTimeLimitExceeded = _Stop  # type: ignore[misc,assignment]
+        try:
+            cls = load_estimator_class(settings.estimator)
+            est = cls(
+                n_clusters=job["n_clusters"], backbone=job["backbone"], mode=job["mode"], epochs=job["epochs"],
+                formulation=job["formulation"], device=settings.device, seed=job["seed"],
+                batch_size=settings.batch_size, num_workers=settings.num_workers,
+            )
+            est.fit(str(storage.abs(job["input_path"])), progress=run.progress, should_stop=run.should_stop)
+        except Cancelled:
+            reason = run.stop_reason or "cancel"
+            if reason == "cancel":
+                return "cancelled" if run.finish(JobStatus.CANCELLED) else "superseded"
+            if reason == "timeout":
+                run.finish(JobStatus.FAILED, _timeout_message(settings), stage="failed")
+                return "failed"
+            log.info("job %s: attempt %d superseded or deleted; stopping", job_id, attempt)
+            return "superseded"
+        except SoftTimeLimitExceeded:
+            run.finish(JobStatus.FAILED, _timeout_message(settings), stage="failed")
+            return "failed"
+        except ValueError as e:  # the engine's user-facing input errors
+            run.finish(JobStatus.FAILED, str(e) or "invalid input", stage="failed")
+            return "failed"
+        except MemoryError:
+            run.finish(JobStatus.FAILED, "The worker ran out of memory. Try fewer or smaller images, or a "
+                       "smaller SP2OT_BATCH_SIZE.", stage="failed")
+            return "failed"
+        except Exception as e:
+            log.exception("job %s: clustering failed", job_id)
+            msg = str(e).splitlines()[0][:500] if str(e) else ""
+            hint = " Try a smaller SP2OT_BATCH_SIZE or fewer images." if "out of memory" in msg.lower() else ""
+            run.finish(JobStatus.FAILED, f"Internal error while clustering ({type(e).__name__}: {msg}).{hint}",
+                       stage="failed")
+            return "failed"
+        run.stop_heartbeat()
+        return _finalize_success(db, storage, run, est, job)
+    except Exception as e:
+        log.exception("job %s: could not be finalised", job_id)
+        try:
+            run.finish(JobStatus.FAILED, f"Internal error while saving the results ({type(e).__name__}).",
+                       stage="failed")
+        except Exception:
+            log.exception("job %s: cannot record the failure", job_id)
+        return "failed"
+    finally:
+        run.stop_heartbeat()
+        del est
+        gc.collect()
+        _free_device_memory()
+
+
+def _timeout_message(settings: Settings) -> str:
+    return (f"The job exceeded the time limit of {settings.task_soft_time_limit} s (SP2OT_TASK_SOFT_TIME_LIMIT). "
+            "Use fewer images, fewer epochs or mode=fast.")
+
+
+def _free_device_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: dict[str, Any]) -> str:
+    job_id = run.job_id
+    filenames = [str(f) for f in est.filenames_]
+    labels = [int(x) for x in est.labels_]
+    confidences = [float(x) for x in est.confidences_]
+    if not (len(filenames) == len(labels) == len(confidences)):
+        raise RuntimeError("the estimator returned lists of different lengths")
+    sizes = [int(x) for x in est.cluster_sizes_]
+    skipped = _merge_skipped(job["input_skipped"], getattr(est, "skipped_", []))
+    summary = {
+        "n_images": len(filenames), "n_clusters": job["n_clusters"], "cluster_sizes": sizes,
+        "n_skipped": len(skipped),
+        "skipped": [{"name": n, "reason": r} for n, r in skipped[:MAX_SKIPPED_REPORTED]],
+    }
+    history = clean_history(getattr(est, "history_", []))
+    metrics = _evaluation(storage, job_id, filenames, labels) if job["has_truth"] else None
+    last = history[-1] if history else {}
+    progress = {"stage": "done", "percent": 100.0, "epoch": last.get("epoch"), "loss": last.get("loss"),
+                "rho": last.get("rho"), "step": None, "total_steps": None}
+    with db.begin() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempts == run.attempt, Job.status == JobStatus.RUNNING,
+                   Job.cancel_requested.is_(False))
+            .values(status=JobStatus.SUCCEEDED, summary=summary, history=history, metrics=metrics,
+                    finished_at=utcnow(), heartbeat_at=utcnow(), progress=progress, error=None)
+        )
+        if res.rowcount == 1:
+            s.execute(delete(Assignment).where(Assignment.job_id == job_id))
+            bulk_insert_assignments(s, job_id, filenames, labels, confidences)
+    if res.rowcount == 1:
+        log.info("job %s: succeeded (%d images)", job_id, len(filenames))
+        return "succeeded"
+    # Cancelled at the last moment, superseded or deleted.
+    if run.finish(JobStatus.CANCELLED):
+        return "cancelled"
+    return "superseded"
