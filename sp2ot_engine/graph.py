@@ -20,9 +20,11 @@ does not imply ``i`` in ``kNN(j)``). It is deliberately not symmetrised: the MM 
 solver uses the gradient ``(S + S^T) Q_t`` itself, so symmetrising here would double-count.
 
 The dense ``N x N`` matrix is never built: neighbours are found with an exact faiss search
-(``IndexFlatL2`` for the Gaussian kernel, ``IndexFlatIP`` on L2-normalised features for the
-cosine kernel; a GPU index when faiss has GPU support and a GPU is requested or available),
-querying ``batch_size`` rows at a time, so memory stays ``O(N * k + N * d)``.
+(L2 for the Gaussian kernel, inner product on L2-normalised features for the cosine kernel:
+``IndexFlatL2``/``IndexFlatIP`` on a GPU when faiss has GPU support and the device is not
+the CPU, otherwise ``faiss.knn``, which runs the same exact kernels as ``IndexFlat*.search``
+without copying the database into an index), querying ``batch_size`` rows at a time, so
+memory stays ``O(N * k + N * d)`` (the features, plus ``batch_size * (k + 1)`` per batch).
 
 Also provided: :func:`subgraph` (the graph restricted to a memory bank's rows, called every
 training step) and :func:`to_torch_sparse` (hand-off to the torch solver).
@@ -33,7 +35,7 @@ import math
 import numbers
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -116,6 +118,39 @@ def _wants_gpu(device: Any) -> tuple[bool, int]:
         return gpu_ok, int(idx) if idx.isdigit() else 0
     raise ValueError(f"device must be None, 'cpu', 'cuda', 'cuda:<i>' or a torch.device, "
                      f"got {device!r}")
+
+
+def _exact_searcher(
+    x: np.ndarray, kernel: str, device: Any
+) -> Callable[[np.ndarray, int], np.ndarray]:
+    """``search(queries, k) -> ids`` (``b x k`` int64, best first) over the database ``x``.
+
+    GPU: a ``GpuIndexFlatL2`` / ``GpuIndexFlatIP`` (via ``index_cpu_to_gpu``). CPU:
+    ``faiss.knn`` -- the same exact brute-force kernels ``IndexFlatL2.search`` /
+    ``IndexFlatIP.search`` run (``knn_L2sqr`` / ``knn_inner_product``: BLAS GEMM tiles plus
+    heap selection), minus the index's private copy of the ``N x d`` database.
+    """
+    import faiss
+
+    metric = faiss.METRIC_L2 if kernel == "gaussian" else faiss.METRIC_INNER_PRODUCT
+    use_gpu, gpu_id = _wants_gpu(device)
+    if use_gpu:  # tested with a stand-in (no GPU faiss in CI)
+        res = faiss.StandardGpuResources()
+        flat = faiss.IndexFlatL2(x.shape[1]) if metric == faiss.METRIC_L2 \
+            else faiss.IndexFlatIP(x.shape[1])
+        index = faiss.index_cpu_to_gpu(res, gpu_id, flat)
+        index.add(x)
+
+        def search_gpu(q: np.ndarray, kk: int) -> np.ndarray:
+            _ = res  # keep the GPU resources alive as long as the index
+            return index.search(q, kk)[1]
+
+        return search_gpu
+
+    def search_cpu(q: np.ndarray, kk: int) -> np.ndarray:
+        return faiss.knn(q, x, kk, metric=metric)[1]
+
+    return search_cpu
 
 
 # --------------------------------------------------------------------------------------
@@ -204,21 +239,14 @@ def knn_graph(
                              "use kernel='gaussian'")
         x = np.ascontiguousarray(x / norms[:, None], dtype=np.float32)
 
-    import faiss
-
-    index: Any = faiss.IndexFlatL2(d) if kernel == "gaussian" else faiss.IndexFlatIP(d)
-    use_gpu, gpu_id = _wants_gpu(device)
-    if use_gpu:  # pragma: no cover - no GPU faiss in CI
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, gpu_id, index)
-    index.add(x)
+    search = _exact_searcher(x, kernel, device)
 
     neighbours = np.empty((n, k), dtype=np.int64)
     values = np.empty((n, k), dtype=np.float32)
     scale = 1.0 / (2.0 * float(sigma) ** 2 * d)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        _, ids = index.search(x[start:stop], k + 1)  # (b, k+1), best first
+        ids = search(x[start:stop], k + 1)  # (b, k+1), best first
         if (ids < 0).any():  # cannot happen for k + 1 <= N and finite features
             raise RuntimeError("faiss returned fewer neighbours than requested")
         self_ids = np.arange(start, stop, dtype=np.int64)[:, None]
@@ -236,7 +264,7 @@ def knn_graph(
                 values[c0:c1] = np.exp(-sq * scale)
             else:
                 values[c0:c1] = np.clip(np.einsum("ckd,cd->ck", nb, x[c0:c1]), -1.0, 1.0)
-    del index
+    del search
 
     order = np.argsort(neighbours, axis=1, kind="stable")  # canonical: sorted column ids
     neighbours = np.take_along_axis(neighbours, order, axis=1)

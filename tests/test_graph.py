@@ -145,6 +145,39 @@ def test_device_cpu_accepted() -> None:
     assert (a != b).nnz == 0
 
 
+def test_gpu_index_path_used_unless_cpu_requested(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With (faked) GPU faiss, device None/'cuda:1' build a GPU flat index; 'cpu' does not."""
+    import faiss
+
+    calls: list[tuple[int, str]] = []
+
+    def fake_to_gpu(res, gpu_id, index):  # a CPU index stands in for the GPU one
+        calls.append((gpu_id, type(index).__name__))
+        return index
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_to_gpu, raising=False)
+    x = np.random.default_rng(5).standard_normal((40, 6)).astype(np.float32)
+    ref_l2, ref_cos = brute_force(x, 4, "gaussian"), brute_force(x, 4, "cosine")
+    np.testing.assert_allclose(knn_graph(x, k=4).toarray(), ref_l2, atol=1e-5)
+    np.testing.assert_allclose(knn_graph(x, k=4, kernel="cosine", device="cuda:1").toarray(),
+                               ref_cos, atol=1e-5)
+    assert calls == [(0, "IndexFlatL2"), (1, "IndexFlatIP")]
+    knn_graph(x, k=4, device="cpu")
+    knn_graph(x, k=4, device=torch.device("cpu"))
+    assert len(calls) == 2
+
+
+def test_cuda_request_without_gpu_faiss_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
+    x = np.random.default_rng(6).standard_normal((30, 4))
+    np.testing.assert_allclose(knn_graph(x, k=3, device="cuda").toarray(),
+                               brute_force(x, 3, "gaussian"), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- validation
 GOOD = np.random.default_rng(0).standard_normal((10, 4))
 
