@@ -24,4 +24,22 @@ def resolve_options(params: JobParams, settings: Settings) -> dict[str, Any]:
         raise UploadRejected(
             f"epochs={opts['epochs']} is above the server limit of {settings.max_epochs} (SP2OT_MAX_EPOCHS)."
         )
+    known = _engine_choices()
+    for field, choices in known.items():
+        if choices and opts[field] not in choices:
+            raise UploadRejected(
+                f"{field}={opts[field]!r} is not available. Use one of: {', '.join(map(str, choices))}."
+            )
     return opts
+
+
+def _engine_choices() -> dict[str, tuple]:
+    """The values the engine accepts, when it publishes them."""
+    out: dict[str, tuple] = {}
+    try:
+        from sp2ot_engine.backbones import SUPPORTED_BACKBONES
+
+        out["backbone"] = tuple(SUPPORTED_BACKBONES)
+    except Exception:  # pragma: no cover - engine without the list: it validates itself
+        pass
+    return out

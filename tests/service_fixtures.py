@@ -113,8 +113,9 @@ def make_tar(files: dict[str, bytes], mode: str = "w:gz", links: dict[str, tuple
 # ----------------------------------------------------------------------- fake estimator
 class FakeClustering:
     """Follows the engine contract, for tests that need a controllable duration (e.g. a job
-    slow enough to be cancelled). Clusters by dominant colour. Environment knobs (so that a
-    worker subprocess can use it): SP2OT_FAKE_STEPS, SP2OT_FAKE_STEP_DELAY."""
+    slow enough to be cancelled). Clusters by dominant colour. It trains ``epochs`` x
+    SP2OT_FAKE_STEPS_PER_EPOCH steps of SP2OT_FAKE_STEP_DELAY seconds (environment, so that a
+    worker subprocess can use it too)."""
 
     def __init__(self, n_clusters, backbone="efficientnet_lite0", mode="fast", epochs=None, formulation="sp2ot",
                  device="auto", seed=0, batch_size=64, num_workers=0):
@@ -133,8 +134,8 @@ class FakeClustering:
         coll = scan_images(path)
         if len(coll) < self.n_clusters:
             raise ValueError(f"n_clusters={self.n_clusters} but only {len(coll)} images")
-        steps = int(os.environ.get("SP2OT_FAKE_STEPS", "10"))
-        delay = float(os.environ.get("SP2OT_FAKE_STEP_DELAY", "0.02"))
+        steps = self.epochs * int(os.environ.get("SP2OT_FAKE_STEPS_PER_EPOCH", "5"))
+        delay = float(os.environ.get("SP2OT_FAKE_STEP_DELAY", "0.05"))
         self.history_ = []
         for step in range(steps):
             if should_stop is not None and should_stop():
@@ -384,3 +385,52 @@ def api_client(settings):
 
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------- celery stack
+@pytest.fixture(scope="session")
+def engine_path() -> str:
+    """The estimator the workers run: the real engine (``SP2OT_TEST_ENGINE=fake`` selects the
+    test double, for developing the service alone)."""
+    if os.environ.get("SP2OT_TEST_ENGINE") == "fake":
+        return "service_fixtures:FakeClustering"
+    if not real_engine_available():
+        pytest.fail("sp2ot_engine.SP2OTClustering is not importable: the end-to-end tests need the real engine")
+    return "sp2ot_engine:SP2OTClustering"
+
+
+@pytest.fixture(scope="session")
+def celery_stack(pg_url, redis_ns, tmp_path_factory, engine_path):
+    """The API (in-process TestClient, Celery mode) + one real worker subprocess, on the
+    session's PostgreSQL database and Redis namespace."""
+    data_dir = tmp_path_factory.mktemp("celery-data")
+    env = service_env(data_dir=data_dir, database_url=pg_url, redis=redis_ns, estimator=engine_path,
+                      SP2OT_AUTH_REQUIRED="true")
+    settings = settings_from(env)
+    worker = WorkerProcess(env, data_dir / "worker.log", "e2e").start()
+    try:
+        with api_client(settings) as client:
+            worker.wait_ready(120)
+            key = create_key(settings, "e2e")
+            yield {"client": client, "key": key, "settings": settings, "env": env, "data_dir": data_dir,
+                   "db": client.app.state.db, "worker": worker}
+    finally:
+        worker.stop()
+
+
+def assignment_rows(db, job_id: str) -> list[tuple]:
+    from sqlalchemy import select
+
+    from app.models import Assignment
+
+    with db.session() as s:
+        return [tuple(r) for r in s.execute(
+            select(Assignment.idx, Assignment.filename, Assignment.cluster, Assignment.confidence)
+            .where(Assignment.job_id == job_id).order_by(Assignment.idx))]
+
+
+def parse_labels_csv(text: str) -> list[dict[str, str]]:
+    import csv
+
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return rows
