@@ -374,12 +374,12 @@ def wait_for(client, key: str, job_id: str, statuses=("succeeded", "failed", "ca
 
 
 @contextmanager
-def api_client(settings):
+def api_client(settings, client_host: str = "127.0.0.1"):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings), raise_server_exceptions=False, client=(client_host, 40000)) as client:
         yield client
 
 
