@@ -19,12 +19,20 @@ to the pseudo-label problem, where ``S`` (``N x N``) is a sparse kNN graph on th
 does not imply ``i`` in ``kNN(j)``). It is deliberately not symmetrised: the MM step of the
 solver uses the gradient ``(S + S^T) Q_t`` itself, so symmetrising here would double-count.
 
-The dense ``N x N`` matrix is never built: neighbours are found with an exact faiss search
-(L2 for the Gaussian kernel, inner product on L2-normalised features for the cosine kernel:
-``IndexFlatL2``/``IndexFlatIP`` on a GPU when faiss has GPU support and the device is not
-the CPU, otherwise ``faiss.knn``, which runs the same exact kernels as ``IndexFlat*.search``
-without copying the database into an index), querying ``batch_size`` rows at a time, so
-memory stays ``O(N * k + N * d)`` (the features, plus ``batch_size * (k + 1)`` per batch).
+The dense ``N x N`` matrix is never built. Neighbours come from an exact (brute-force)
+search -- squared L2 for the Gaussian kernel, inner product on L2-normalised features for
+the cosine kernel:
+
+* GPU (faiss has GPU support and ``device`` is not the CPU): ``faiss.IndexFlatL2`` /
+  ``IndexFlatIP`` moved to the GPU, queried ``batch_size`` rows at a time;
+* CPU: the algorithm of faiss' flat-index search (BLAS score tiles + faiss heap selection),
+  but since the queries are the database each ``batch_size x batch_size`` tile is computed
+  once and used for both its row block and (transposed) its column block: half the GEMM
+  work of ``IndexFlatL2.search(F)``, and no index copy of ``F``.
+
+Memory stays ``O(N * k + N * d)``: the features, the ``N x (k + 1)`` candidate lists and two
+``batch_size^2`` float32 tiles. Kept similarities are then recomputed exactly from the
+features (direct differences), so values carry no ``|a|^2 + |b|^2 - 2<a,b>`` rounding.
 
 Also provided: :func:`subgraph` (the graph restricted to a memory bank's rows, called every
 training step) and :func:`to_torch_sparse` (hand-off to the torch solver).
@@ -35,7 +43,7 @@ import math
 import numbers
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,9 +56,10 @@ __all__ = ["knn_graph", "subgraph", "to_torch_sparse"]
 Kernel = Literal["gaussian", "cosine"]
 _KERNELS = ("gaussian", "cosine")
 
-#: Query rows per faiss search call. Each batch holds ``batch_size * (k + 1)`` distances and
-#: ids plus faiss' internal BLAS tile (``4096 x 1024`` floats); ``N * d`` features dominate.
-DEFAULT_BATCH_SIZE = 4096
+#: Rows per search tile: on the CPU the search works on ``batch_size x batch_size`` float32
+#: score tiles (two of them: 32 MB at 2048), on a GPU index it is the query batch size.
+DEFAULT_BATCH_SIZE = 2048
+_TRANSPOSE_STRIP = 64
 # Rows per chunk when recomputing the kept neighbours' similarities exactly: the gathered
 # neighbour block is ``chunk * (k + 1) * d`` float32 (~27 MB for 256 x 21 x 1280).
 _REFINE_CHUNK = 256
@@ -120,37 +129,72 @@ def _wants_gpu(device: Any) -> tuple[bool, int]:
                      f"got {device!r}")
 
 
-def _exact_searcher(
-    x: np.ndarray, kernel: str, device: Any
-) -> Callable[[np.ndarray, int], np.ndarray]:
-    """``search(queries, k) -> ids`` (``b x k`` int64, best first) over the database ``x``.
+def _gpu_knn_ids(x: np.ndarray, kk: int, metric: int, gpu_id: int, batch_size: int) -> np.ndarray:
+    """Best-first ``kk`` neighbour ids of every row of ``x`` with a faiss GPU flat index."""
+    import faiss
 
-    GPU: a ``GpuIndexFlatL2`` / ``GpuIndexFlatIP`` (via ``index_cpu_to_gpu``). CPU:
-    ``faiss.knn`` -- the same exact brute-force kernels ``IndexFlatL2.search`` /
-    ``IndexFlatIP.search`` run (``knn_L2sqr`` / ``knn_inner_product``: BLAS GEMM tiles plus
-    heap selection), minus the index's private copy of the ``N x d`` database.
+    res = faiss.StandardGpuResources()
+    flat = faiss.IndexFlatL2(x.shape[1]) if metric == faiss.METRIC_L2 \
+        else faiss.IndexFlatIP(x.shape[1])
+    index = faiss.index_cpu_to_gpu(res, gpu_id, flat)
+    index.add(x)
+    ids = np.empty((x.shape[0], kk), dtype=np.int64)
+    for start in range(0, x.shape[0], batch_size):
+        stop = min(start + batch_size, x.shape[0])
+        ids[start:stop] = index.search(x[start:stop], kk)[1]
+    del index, res
+    return ids
+
+
+def _transpose_into(src: np.ndarray, dst: np.ndarray, strip: int = _TRANSPOSE_STRIP) -> None:
+    """``dst[...] = src.T`` in column strips (~4x faster than numpy's strided copy)."""
+    for r0 in range(0, src.shape[0], strip):
+        dst[:, r0:r0 + strip] = src[r0:r0 + strip].T
+
+
+def _cpu_knn_ids(x: np.ndarray, kk: int, metric: int, block: int) -> np.ndarray:
+    """Best-first ``kk`` neighbour ids of every row of ``x`` among all rows (self included).
+
+    Exact brute force with the algorithm of faiss' ``knn_L2sqr`` / ``knn_inner_product``
+    (what ``IndexFlatL2.search`` / ``IndexFlatIP.search`` run: BLAS tiles of scores, then
+    faiss heap selection), exploiting that the queries ARE the database: each
+    ``block x block`` tile ``(I, J)`` with ``J >= I`` is computed once and fed to the heaps
+    of the rows ``I`` and, transposed, of the rows ``J``. This halves the GEMM work
+    (``N^2 d`` instead of ``2 N^2 d`` flops), the dominant cost. Scores: squared L2
+    ``|x_i|^2 + |x_j|^2 - 2 <x_i, x_j>`` (kept smallest) or inner product (kept largest).
+    Memory: two ``block x block`` float32 tiles plus the ``N x kk`` heaps (no copy of ``x``).
     """
     import faiss
 
-    metric = faiss.METRIC_L2 if kernel == "gaussian" else faiss.METRIC_INNER_PRODUCT
-    use_gpu, gpu_id = _wants_gpu(device)
-    if use_gpu:  # tested with a stand-in (no GPU faiss in CI)
-        res = faiss.StandardGpuResources()
-        flat = faiss.IndexFlatL2(x.shape[1]) if metric == faiss.METRIC_L2 \
-            else faiss.IndexFlatIP(x.shape[1])
-        index = faiss.index_cpu_to_gpu(res, gpu_id, flat)
-        index.add(x)
-
-        def search_gpu(q: np.ndarray, kk: int) -> np.ndarray:
-            _ = res  # keep the GPU resources alive as long as the index
-            return index.search(q, kk)[1]
-
-        return search_gpu
-
-    def search_cpu(q: np.ndarray, kk: int) -> np.ndarray:
-        return faiss.knn(q, x, kk, metric=metric)[1]
-
-    return search_cpu
+    n = x.shape[0]
+    l2 = metric == faiss.METRIC_L2
+    heap_vals = np.empty((n, kk), dtype=np.float32)
+    heap_ids = np.empty((n, kk), dtype=np.int64)
+    heaps = faiss.float_maxheap_array_t() if l2 else faiss.float_minheap_array_t()
+    heaps.k, heaps.nh = kk, n
+    heaps.val, heaps.ids = faiss.swig_ptr(heap_vals), faiss.swig_ptr(heap_ids)
+    heaps.heapify()
+    sq = np.einsum("nd,nd->n", x, x, dtype=np.float64).astype(np.float32) if l2 else None
+    tile = np.empty(block * block, dtype=np.float32)
+    tile_t = np.empty(block * block, dtype=np.float32)
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        for j0 in range(i0, n, block):
+            j1 = min(j0 + block, n)
+            g = tile[:(i1 - i0) * (j1 - j0)].reshape(i1 - i0, j1 - j0)
+            np.matmul(x[i0:i1], x[j0:j1].T, out=g)  # BLAS, multi-threaded
+            if sq is not None:
+                g *= -2.0
+                g += sq[j0:j1]
+                g += sq[i0:i1, None]
+            heaps.addn(j1 - j0, faiss.swig_ptr(g), j0, i0, i1 - i0)  # rows I, ids from J
+            if j0 != i0:
+                gt = tile_t[:(i1 - i0) * (j1 - j0)].reshape(j1 - j0, i1 - i0)
+                _transpose_into(g, gt)
+                heaps.addn(i1 - i0, faiss.swig_ptr(gt), i0, j0, j1 - j0)  # rows J, ids from I
+    heaps.reorder()  # sort each row best first
+    del heaps
+    return heap_ids
 
 
 # --------------------------------------------------------------------------------------
@@ -184,7 +228,12 @@ def knn_graph(
 
     Similarities of the kept pairs are recomputed exactly from the features (direct
     differences, no ``||a||^2 + ||b||^2 - 2<a,b>`` cancellation), so the values do not
-    inherit faiss' float32 BLAS rounding.
+    inherit the search's float32 BLAS rounding. Neighbour order among exactly tied
+    distances is unspecified.
+
+    Cost: ``N^2 d`` multiply-adds on the CPU (BLAS, all cores; faiss/OpenBLAS threads as
+    configured), about 30-50 s for ``N = 60000``, ``d = 1280`` on 2 free cores (see
+    ``benchmarks/knn_graph.py``).
 
     Args:
         features: ``N x d`` numpy array or torch tensor (any real dtype, any device);
@@ -194,15 +243,17 @@ def knn_graph(
         sigma: Gaussian bandwidth, ``> 0`` (paper: 2).
         device: ``None`` (GPU index if faiss has GPU support, else CPU), ``"cpu"``,
             ``"cuda"``/``"cuda:i"``/``i``/``torch.device``.
-        batch_size: query rows per search call (memory ~ ``batch_size * (k + 1)``).
+        batch_size: search tile size: CPU score tiles are ``batch_size x batch_size``
+            float32 (two of them; 16 MB each at the default 2048); GPU query batch size.
 
     Returns:
         ``scipy.sparse.csr_matrix`` of shape ``(N, N)``, dtype float32, ``N * k`` stored
         entries, zero diagonal.
 
     Raises:
-        ValueError: features not 2-D, ``N < 2``, non-finite values, zero rows with the
-            cosine kernel, ``k`` out of ``[1, N - 1]``, unknown kernel, ``sigma <= 0``.
+        ValueError: features not 2-D or not numeric, ``N < 2``, NaN/inf values (or norms
+            overflowing float32), all-zero rows with the cosine kernel, ``k`` out of
+            ``[1, N - 1]``, unknown kernel, ``sigma <= 0``, ``batch_size < 1``, bad device.
     """
     if kernel not in _KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(map(repr, _KERNELS))}")
@@ -231,40 +282,43 @@ def knn_graph(
                          f"{int(bad[0])}); remove or impute them before building the graph")
 
     if kernel == "cosine":
-        norms = np.linalg.norm(x, axis=1)
+        norms = np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
         zero = np.flatnonzero(norms == 0)
         if zero.size:
             raise ValueError(f"cosine kernel is undefined for all-zero feature rows "
                              f"({zero.size} row(s), first: row {int(zero[0])}); remove them or "
                              "use kernel='gaussian'")
-        x = np.ascontiguousarray(x / norms[:, None], dtype=np.float32)
+        x = x * (1.0 / norms).astype(np.float32)[:, None]  # new float32 array, N x d
+    elif not np.isfinite(np.einsum("nd,nd->n", x, x)).all():
+        raise ValueError("features are too large: squared norms overflow float32; rescale "
+                         "them (e.g. divide by their maximum absolute value)")
 
-    search = _exact_searcher(x, kernel, device)
+    import faiss
 
-    neighbours = np.empty((n, k), dtype=np.int64)
+    metric = faiss.METRIC_L2 if kernel == "gaussian" else faiss.METRIC_INNER_PRODUCT
+    use_gpu, gpu_id = _wants_gpu(device)
+    if use_gpu:  # tested with a stand-in (no GPU faiss in CI)
+        ids = _gpu_knn_ids(x, k + 1, metric, gpu_id, batch_size)
+    else:
+        ids = _cpu_knn_ids(x, k + 1, metric, min(batch_size, n))
+    if (ids < 0).any():  # cannot happen for k + 1 <= N and finite features
+        raise RuntimeError("kNN search returned fewer neighbours than requested")
+
+    drop = ids == np.arange(n, dtype=np.int64)[:, None]
+    drop[~drop.any(axis=1), -1] = True  # i pushed out by duplicates: drop the farthest
+    neighbours = ids[~drop].reshape(n, k)
+    del ids, drop
+
     values = np.empty((n, k), dtype=np.float32)
     scale = 1.0 / (2.0 * float(sigma) ** 2 * d)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        ids = search(x[start:stop], k + 1)  # (b, k+1), best first
-        if (ids < 0).any():  # cannot happen for k + 1 <= N and finite features
-            raise RuntimeError("faiss returned fewer neighbours than requested")
-        self_ids = np.arange(start, stop, dtype=np.int64)[:, None]
-        drop = ids == self_ids
-        no_self = ~drop.any(axis=1)  # i pushed out by duplicates: drop the farthest
-        drop[no_self, -1] = True
-        kept = ids[~drop].reshape(stop - start, k)
-        neighbours[start:stop] = kept
-        for c0 in range(start, stop, _REFINE_CHUNK):  # exact similarities of kept pairs
-            c1 = min(c0 + _REFINE_CHUNK, stop)
-            nb = x[kept[c0 - start:c1 - start]]  # (c, k, d)
-            if kernel == "gaussian":
-                diff = nb - x[c0:c1, None, :]
-                sq = np.einsum("ckd,ckd->ck", diff, diff)
-                values[c0:c1] = np.exp(-sq * scale)
-            else:
-                values[c0:c1] = np.clip(np.einsum("ckd,cd->ck", nb, x[c0:c1]), -1.0, 1.0)
-    del search
+    for c0 in range(0, n, _REFINE_CHUNK):  # exact similarities of the kept pairs
+        c1 = min(c0 + _REFINE_CHUNK, n)
+        nb = x[neighbours[c0:c1]]  # (c, k, d)
+        if kernel == "gaussian":
+            diff = nb - x[c0:c1, None, :]
+            values[c0:c1] = np.exp(-np.einsum("ckd,ckd->ck", diff, diff) * scale)
+        else:
+            values[c0:c1] = np.clip(np.einsum("ckd,cd->ck", nb, x[c0:c1]), -1.0, 1.0)
 
     order = np.argsort(neighbours, axis=1, kind="stable")  # canonical: sorted column ids
     neighbours = np.take_along_axis(neighbours, order, axis=1)

@@ -36,10 +36,12 @@ def pattern(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kernel", ["gaussian", "cosine"])
 @pytest.mark.parametrize("n,d,k", [(50, 8, 1), (50, 8, 5), (120, 16, 10), (200, 32, 20)])
-def test_matches_brute_force(kernel: str, n: int, d: int, k: int) -> None:
+# batch_size = search tile: one tile, many ragged tiles, tiles wider than a transpose strip
+@pytest.mark.parametrize("batch_size", [2048, 13, 90])
+def test_matches_brute_force(kernel: str, n: int, d: int, k: int, batch_size: int) -> None:
     rng = np.random.default_rng(n * 1000 + k)
     x = rng.standard_normal((n, d)).astype(np.float32) * 3.0 + 1.0
-    g = knn_graph(x, k=k, kernel=kernel, sigma=1.5)
+    g = knn_graph(x, k=k, kernel=kernel, sigma=1.5, batch_size=batch_size)
     ref = brute_force(x, k, kernel, sigma=1.5)
     assert isinstance(g, sp.csr_matrix)
     assert g.shape == (n, n) and g.dtype == np.float32
@@ -86,7 +88,7 @@ def test_self_never_included_with_duplicates() -> None:
     x[6] = x[5]
     for kernel in ("gaussian", "cosine"):
         for k in (1, 2, 4, 8):
-            g = knn_graph(x, k=k, kernel=kernel)
+            g = knn_graph(x, k=k, kernel=kernel, batch_size=7)  # copies split across tiles
             assert g.nnz == 30 * k
             assert np.all(np.diff(g.indptr) == k)
             assert np.all(g.diagonal() == 0), (kernel, k)
@@ -200,6 +202,7 @@ GOOD = np.random.default_rng(0).standard_normal((10, 4))
         ({"features": np.array([["a", "b"], ["c", "d"]])}, r"numeric"),
         ({"features": sp.eye(5, format="csr")}, r"dense.*toarray"),
         ({"features": GOOD, "device": "tpu"}, r"device must be"),
+        ({"features": np.full((10, 4), 1e30)}, r"too large.*rescale"),
     ],
 )
 def test_bad_inputs(kwargs: dict, match: str) -> None:
