@@ -129,7 +129,9 @@ def _wants_gpu(device: Any) -> tuple[bool, int]:
                      f"got {device!r}")
 
 
-def _gpu_knn_ids(x: np.ndarray, kk: int, metric: int, gpu_id: int, batch_size: int) -> np.ndarray:
+def _gpu_knn_ids(
+    x: np.ndarray, kk: int, metric: int, gpu_id: int, batch_size: int
+) -> np.ndarray:
     """Best-first ``kk`` neighbour ids of every row of ``x`` with a faiss GPU flat index."""
     import faiss
 
@@ -228,8 +230,9 @@ def knn_graph(
 
     Similarities of the kept pairs are recomputed exactly from the features (direct
     differences, no ``||a||^2 + ||b||^2 - 2<a,b>`` cancellation), so the values do not
-    inherit the search's float32 BLAS rounding. Neighbour order among exactly tied
-    distances is unspecified.
+    inherit the search's float32 BLAS rounding. The neighbour SET is exact up to that
+    rounding: candidates whose distances tie (or differ by less than float32 resolution of
+    the scores) may be chosen either way, like with faiss' flat indexes.
 
     Cost: ``N^2 d`` multiply-adds on the CPU (BLAS, all cores; faiss/OpenBLAS threads as
     configured), about 30-50 s for ``N = 60000``, ``d = 1280`` on 2 free cores (see

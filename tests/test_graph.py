@@ -308,3 +308,25 @@ def test_to_torch_sparse_subgraph_and_errors(graph_and_ref) -> None:
         to_torch_sparse(np.eye(3))
     with pytest.raises(ValueError, match="layout"):
         to_torch_sparse(g, layout="bsr")  # type: ignore[arg-type]
+
+
+def test_subgraph_fast_at_training_scale() -> None:
+    """m = 5120 memory-bank rows of an N = 60000, k = 20 graph: ~1 ms here; allow 0.5 s."""
+    import time
+
+    n, k, m = 60_000, 20, 5120
+    rng = np.random.default_rng(0)
+    cols = np.sort(rng.integers(0, n, (n, k)), axis=1)
+    g = sp.csr_matrix((rng.random(n * k, dtype=np.float32), cols.ravel(),
+                       np.arange(0, n * k + 1, k)), shape=(n, n))
+    rows = rng.permutation(n)[:m]
+    subgraph(g, rows)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(5):
+        sub = subgraph(g, rows)
+    assert (time.perf_counter() - t0) / 5 < 0.5
+    # spot-check against the definition on a few rows
+    assert sub.shape == (m, m)
+    for p in (0, 17, m - 1):
+        ref = g.getrow(rows[p]).toarray().ravel()[rows]  # graph[rows[p], rows[q]] for all q
+        np.testing.assert_array_equal(sub.getrow(p).toarray().ravel(), ref)
