@@ -39,6 +39,7 @@ reference and against POT).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, overload
 
@@ -400,9 +401,11 @@ def _to_sym_sparse(graph, n: int, device: torch.device) -> torch.Tensor:
     if not np.isfinite(sym.data).all():
         raise ValueError("graph contains NaN or infinite weights")
     sym.sum_duplicates()
-    return torch.sparse_csr_tensor(  # beta-state warning is harmless here
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta; the product used here is stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
         torch.from_numpy(sym.indptr.astype(np.int64)), torch.from_numpy(sym.indices.astype(np.int64)),
-        torch.from_numpy(sym.data), size=(n, n), dtype=torch.float64, device=device)
+            torch.from_numpy(sym.data), size=(n, n), dtype=torch.float64, device=device)
 
 
 def solve_sp2ot(cost: torch.Tensor, graph, rho: float, *, lam_s: float, eps: float = 0.1, lam: float = 1.0,
