@@ -133,11 +133,8 @@ class CeleryDispatcher(Dispatcher):
         # Only the workers consuming this deployment's queue count.
         return bool(names), len(names), names, None if names else "no worker answered the ping"
 
-    def shutdown(self) -> None:
-        try:
-            self.app.pool.force_close_all()
-        except Exception:  # pragma: no cover
-            pass
+    # No shutdown(): kombu's producer pools are global per broker URL, closing them here
+    # would break another app instance of the same process (tests); the process exit closes them.
 
 
 def make_dispatcher(settings: Settings, db: Database) -> Dispatcher:

@@ -33,8 +33,9 @@ MAX_UPLOAD = 2 * 1024 * 1024
 @pytest.fixture(scope="module")
 def api(pg_url, redis_ns, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("uploads-data")
+    # A queue no worker consumes: accepted jobs stay queued.
     env = service_env(
-        data_dir=data_dir, database_url=pg_url, redis=redis_ns,
+        data_dir=data_dir, database_url=pg_url, redis={**redis_ns, "queue": redis_ns["queue"] + "-idle"},
         SP2OT_AUTH_REQUIRED="true",
         SP2OT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
         SP2OT_MAX_ARCHIVE_FILES="200",

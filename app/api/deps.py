@@ -7,24 +7,27 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app import crud
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database
+from app.core.security import hash_api_key
 from app.crud import Owner
 from app.errors import ApiError
 from app.storage import Storage
 
 
-def get_settings(request: Request) -> Settings:
+# Trivial dependencies are async: FastAPI would run sync ones in the thread pool.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.db
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
@@ -33,10 +36,16 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def get_read_session(request: Request) -> Iterator[Session]:
+    with request.app.state.db.read_session() as session:
+        yield session
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 
 class Unauthorized(ApiError):
@@ -77,11 +86,12 @@ def _bearer(request: Request) -> str | None:
     return value.strip()
 
 
-def current_owner(request: Request) -> Owner:
+async def current_owner(request: Request) -> Owner:
     """The key's owner. Without a key: 401 when authentication is required; otherwise the
-    local owner, and only for clients on this machine."""
+    local owner, and only for clients on this machine. (Async: a cached key costs no thread
+    hop and no database round trip.)"""
     settings: Settings = request.app.state.settings
-    db: Database = request.app.state.db
+    cache: _KeyCache = request.app.state.key_cache
     key = _bearer(request)
     if key is None:
         if settings.auth_required:
@@ -95,22 +105,24 @@ def current_owner(request: Request) -> Owner:
                 "This server runs without authentication and only answers requests from its own machine. "
                 "Set SP2OT_AUTH_REQUIRED=true and use an API key to access it remotely."
             )
-        cached = request.app.state.key_cache.get("")
-        if cached:
-            return cached
-        with db.session() as session:
-            owner = crud.local_owner(session)
-        request.app.state.key_cache.put("", owner)
-        return owner
-    cached = request.app.state.key_cache.get(key)
-    if cached:
-        return cached
-    with db.session() as session:
-        owner = crud.owner_for_key(session, key)
+        cache_key = ""
+    else:
+        cache_key = hash_api_key(key)
+    owner = cache.get(cache_key)
     if owner is None:
-        raise Unauthorized("Invalid or revoked API key.")
-    request.app.state.key_cache.put(key, owner)
+        owner = await run_in_threadpool(_lookup_owner, request.app.state.db, key)
+        if owner is None:
+            raise Unauthorized("Invalid or revoked API key.")
+        cache.put(cache_key, owner)
     return owner
+
+
+def _lookup_owner(db: Database, key: str | None) -> Owner | None:
+    if key is None:
+        with db.session() as session:
+            return crud.local_owner(session)
+    with db.read_session() as session:
+        return crud.owner_for_key(session, key)
 
 
 OwnerDep = Annotated[Owner, Depends(current_owner)]

@@ -54,6 +54,10 @@ class Database:
         self.settings = settings
         self.engine = make_engine(settings)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        # Single-statement reads (polling, auth, cancel-flag checks) run in autocommit: no
+        # BEGIN/ROLLBACK round trips. Same connection pool.
+        self.read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.read_sessionmaker = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -61,6 +65,10 @@ class Database:
 
     def session(self) -> Session:
         return self.sessionmaker()
+
+    def read_session(self) -> Session:
+        """A session for reads only (autocommit: each statement sees the latest commits)."""
+        return self.read_sessionmaker()
 
     @contextmanager
     def begin(self) -> Iterator[Session]:

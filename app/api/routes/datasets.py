@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.deps import DatabaseDep, OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep
 from app.archives import prepare_upload
 from app.core.config import Settings
 from app.core.db import Database
@@ -101,7 +101,7 @@ async def create_dataset(request: Request, owner: OwnerDep, settings: SettingsDe
 
 @router.get("", response_model=DatasetList, responses={401: ERRORS[401]})
 def list_datasets(
-    request: Request, owner: OwnerDep, session: SessionDep,
+    request: Request, owner: OwnerDep, session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
 ):
     rows, total = crud.list_datasets(session, owner, limit, offset)
@@ -116,7 +116,7 @@ def _get_or_404(session, owner: Owner, dataset_id: str, for_update: bool = False
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS)
-def get_dataset(dataset_id: str, request: Request, owner: OwnerDep, session: SessionDep):
+def get_dataset(dataset_id: str, request: Request, owner: OwnerDep, session: ReadSessionDep):
     return dataset_out(request, _get_or_404(session, owner, dataset_id))
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.deps import DatabaseDep, OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep
 from app.archives import parse_truth, prepare_upload, write_truth
 from app.core.config import Settings
 from app.core.db import Database
@@ -341,7 +341,7 @@ def _delete_job_everything(db: Database, storage: Storage, job_id: str) -> None:
 def list_jobs(
     request: Request,
     owner: OwnerDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     status: Annotated[list[str] | None, Query(description="Filter: one or more statuses (repeat or comma-separate)")] = None,
@@ -361,9 +361,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
-def get_job(job_id: str, request: Request, owner: OwnerDep, session: SessionDep):
+async def get_job(job_id: str, request: Request, owner: OwnerDep, db: DatabaseDep):
     """Status, progress (stage, percent, epoch, rho), timestamps, error or result summary."""
-    return job_out(request, _get_job_or_404(session, owner, job_id))
+
+    def load() -> dict:  # one thread hop, one autocommit query: this is the polled endpoint
+        with db.read_session() as s:
+            return job_out(request, _get_job_or_404(s, owner, job_id)).model_dump(mode="json")
+
+    return JSONResponse(await run_in_threadpool(load))
 
 
 def _require_success(job: Job, what: str) -> None:
@@ -429,7 +434,7 @@ async def _stream_labels(db: Database, job_id: str):
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut,
             responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job has not succeeded"}})
-def get_metrics(job_id: str, owner: OwnerDep, session: SessionDep):
+def get_metrics(job_id: str, owner: OwnerDep, session: ReadSessionDep):
     """Cluster-size distribution, loss and rho curves; with a truth CSV, the paper's
     metrics (acc, nmi, f1, ari, head/medium/tail acc)."""
     job = _get_job_or_404(session, owner, job_id)
