@@ -22,10 +22,8 @@ may come from an upload) or ``safetensors``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
-import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sp2ot_engine.images import collate_single_threaded, single_threaded
+
 __all__ = [
     "Backbone",
     "SUPPORTED_BACKBONES",
@@ -42,6 +42,7 @@ __all__ = [
     "extract_features",
     "load_checkpoint_state_dict",
     "resolve_device",
+    "tune_cpu_allocator",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,6 +88,40 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             raise ValueError(f"device={device!r}: only {n} CUDA device(s) available (cuda:0..cuda:{n - 1})")
         return dev
     raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Stop glibc from returning big freed blocks to the OS after every CPU forward pass.
+
+    By default glibc serves allocations above a (dynamic, <= 32 MB) threshold with ``mmap`` and
+    unmaps them on free, so every conv activation is page-faulted in afresh: on this 2-core
+    machine that was ~45% of EfficientNet-Lite0's CPU time at batch 64 x 224 px (22 of ~55 ms per
+    image in the kernel). This sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB (freed
+    memory stays in the heap for reuse, up to 1 GiB of slack) via ``mallopt``. Linux/glibc only;
+    a no-op elsewhere, or when the environment variable ``SP2OT_MALLOC_TUNING=0``. Idempotent.
+    Returns True if the settings were applied (now or earlier).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get("SP2OT_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        import ctypes
+        import platform
+
+        if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+            return False
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except Exception:
+        return False
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +452,8 @@ def create_backbone(
     import timm  # heavy: imported on use
 
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"checkpoint file not found: {checkpoint}")
     if not isinstance(name, str) or not name:
@@ -484,6 +521,9 @@ def create_backbone(
 # --------------------------------------------------------------------------------------------
 # Feature extraction
 # --------------------------------------------------------------------------------------------
+_END = object()
+
+
 def extract_features(
     backbone: nn.Module,
     data: Dataset | DataLoader | Iterable,
@@ -492,6 +532,7 @@ def extract_features(
     num_workers: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    micro_batch: int | None = None,
 ) -> torch.Tensor:
     """Features of every sample, ``(N, d)`` float32 on CPU, in dataset order.
 
@@ -502,6 +543,10 @@ def extract_features(
     ``device``: default the backbone's; the backbone is moved there if different.
     ``progress(done, total)`` is called after every batch (it may raise to cancel).
     Runs under ``torch.inference_mode()`` with the backbone in eval mode (its mode is restored).
+    ``micro_batch``: if set, loader batches are split into forward calls of at most this many
+    images (bounds activation memory for big inputs); default: one call per batch (with
+    :func:`tune_cpu_allocator` active, whole batches of 64 measured fastest on CPU here: 18-21 ms
+    of CPU per image vs 36-44 ms in chunks of 16).
     """
     dev = resolve_device(device) if device is not None else next(backbone.parameters()).device
     if next(backbone.parameters()).device != dev:
@@ -512,7 +557,8 @@ def extract_features(
         dataset = data
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=dev.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if num_workers > 0 else None)
+                            prefetch_factor=4 if num_workers > 0 else None,
+                            collate_fn=collate_single_threaded)
     else:
         loader, dataset = data, None
     total = len(dataset) if dataset is not None else None
@@ -526,14 +572,23 @@ def extract_features(
     done = 0
     try:
         with torch.inference_mode():
-            for batch in loader:
+            batches = iter(loader)
+            while True:
+                with single_threaded():  # in-process loading/collation: see images.single_threaded
+                    batch = next(batches, _END)
+                if batch is _END:
+                    break
                 if isinstance(batch, (list, tuple)):
                     x = batch[0]
                     idx = batch[1] if indexed and len(batch) > 1 else None
                 else:
                     x, idx = batch, None
                 x = x.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
-                f = backbone(x).float().to("cpu")
+                chunk = micro_batch or x.shape[0]
+                if chunk >= x.shape[0]:
+                    f = backbone(x).float().to("cpu")
+                else:
+                    f = torch.cat([backbone(c).float().to("cpu") for c in x.split(chunk)])
                 n = f.shape[0]
                 if total is not None:
                     if out is None:

@@ -47,7 +47,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import InterpolationMode, v2
 
 __all__ = [
@@ -63,6 +63,8 @@ __all__ = [
     "make_loader",
     "parse_background",
     "scan_images",
+    "collate_single_threaded",
+    "single_threaded",
     "to_rgb",
     "train_transform",
 ]
@@ -685,8 +687,12 @@ class ImageDataset(Dataset):
         return len(self.collection)
 
     def __getitem__(self, i: int):
-        img = self.collection.load(i, min_side=self.min_side)
-        return (self.transform(img) if self.transform is not None else img), i
+        # Per-image tensor ops are tiny: OpenMP parallel regions on them cost far more than the
+        # work (7-27 ms instead of ~1 ms per 224-px image on the shared 2-core machine).
+        # DataLoader workers already run single-threaded; do the same in the main process.
+        with single_threaded():
+            img = self.collection.load(i, min_side=self.min_side)
+            return (self.transform(img) if self.transform is not None else img), i
 
 
 _INTERP = {
@@ -786,6 +792,31 @@ class TwoViews:
         return f"TwoViews({self.transform!r}, {self.transform2!r})"
 
 
+class single_threaded:
+    """Context manager: torch intra-op threads = 1 inside (restored on exit); a no-op when already 1.
+
+    Per-sample and per-batch data work (transforms, collation) is small and memory-bound; in a
+    process whose torch thread pool is sized for the model, each tiny op pays for an OpenMP
+    parallel region, which on a busy machine costs several times the work itself.
+    """
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        if self.threads > 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
+
+
+def collate_single_threaded(batch):
+    """``default_collate`` with torch intra-op threads = 1 (see :class:`single_threaded`)."""
+    with single_threaded():
+        return default_collate(batch)
+
+
 def _seed_worker(worker_id: int) -> None:
     # torch seeds torch and `random` per worker from the loader's generator; numpy too, here.
     np.random.seed(torch.initial_seed() % 2**32)
@@ -798,7 +829,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
                 multiprocessing_context=None) -> DataLoader:
     """A DataLoader: seeded generator (reproducible shuffling and augmentation), worker processes
     (persistent by default when ``num_workers > 0``), ``pin_memory`` only for a CUDA ``device``
-    (default: pinned iff CUDA is available and no CPU device was asked for)."""
+    (default: pinned iff CUDA is available and no CPU device was asked for). Batches are collated
+    single-threaded (:func:`collate_single_threaded`)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_workers < 0:
@@ -818,4 +850,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
         if multiprocessing_context is not None:
             kwargs["multiprocessing_context"] = multiprocessing_context
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=g, drop_last=drop_last, pin_memory=pin, **kwargs)
+                      generator=g, drop_last=drop_last, pin_memory=pin,
+                      collate_fn=collate_single_threaded, **kwargs)
