@@ -42,4 +42,11 @@ def _engine_choices() -> dict[str, tuple]:
         out["backbone"] = tuple(SUPPORTED_BACKBONES)
     except Exception:  # pragma: no cover - engine without the list: it validates itself
         pass
+    try:
+        from sp2ot_engine.clustering import ALL_FORMULATIONS, MODES
+
+        out["mode"] = tuple(MODES)
+        out["formulation"] = tuple(ALL_FORMULATIONS)
+    except Exception:  # pragma: no cover
+        pass
     return out

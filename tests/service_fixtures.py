@@ -252,6 +252,7 @@ def service_env(*, data_dir: Path, database_url: str = "", redis: dict[str, str]
         "SP2OT_CANCEL_CHECK_INTERVAL": "0.2",
         "SP2OT_DEVICE": "cpu",
         "SP2OT_BATCH_SIZE": "16",
+        "SP2OT_TORCH_THREADS": "1",  # 2 shared cores: one thread per job avoids oversubscription
     }
     if estimator:
         env["SP2OT_ESTIMATOR"] = estimator

@@ -179,7 +179,7 @@ class JobRun:
             return False
         self._last_check = now
         try:
-            with self.db.session() as s:
+            with self.db.read_session() as s:
                 row = s.execute(select(Job.attempts, Job.cancel_requested, Job.status).where(Job.id == self.job_id)).first()
         except Exception:
             log.warning("job %s: cannot read the cancel flag", self.job_id, exc_info=True)
@@ -339,12 +339,19 @@ def execute_job(
         except ImportError:  # pragma: no cover
             SoftTimeLimitExceeded = _Stop  # type: ignore[misc,assignment]
         try:
+            if settings.torch_threads:
+                import torch
+
+                torch.set_num_threads(settings.torch_threads)
             cls = load_estimator_class(settings.estimator)
-            est = cls(
+            kwargs: dict[str, Any] = dict(
                 n_clusters=job["n_clusters"], backbone=job["backbone"], mode=job["mode"], epochs=job["epochs"],
                 formulation=job["formulation"], device=settings.device, seed=job["seed"],
-                batch_size=settings.batch_size, num_workers=settings.num_workers,
+                num_workers=settings.num_workers,
             )
+            if settings.batch_size:
+                kwargs["batch_size"] = settings.batch_size
+            est = cls(**kwargs)
             est.fit(str(storage.abs(job["input_path"])), progress=run.progress, should_stop=run.should_stop)
         except Cancelled:
             reason = run.stop_reason or "cancel"

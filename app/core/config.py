@@ -95,8 +95,9 @@ class Settings(BaseSettings):
     default_backbone: str = "efficientnet_lite0"
     default_mode: str = "fast"
     default_formulation: str = "sp2ot"
-    batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
+    batch_size: int | None = Field(None, ge=2, description="Training batch size (default: the engine's).")
+    num_workers: int = Field(0, ge=0, description="Image-decoding worker processes of a job.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads of torch in a job (0 = torch's default).")
     max_epochs: int = Field(1000, ge=1, description="Largest `epochs` a job may ask for.")
     max_clusters: int = Field(10_000, ge=2)
 
