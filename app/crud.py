@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -102,6 +103,17 @@ def active_jobs_of_dataset(session: Session, dataset_id: str) -> list[Job]:
 # ---------------------------------------------------------------------------------- jobs
 def get_job(session: Session, owner: Owner, job_id: str) -> Job | None:
     return session.scalars(select(Job).where(Job.id == job_id, Job.owner_id == owner.id)).first()
+
+
+_JOB_COLUMNS = tuple(Job.__table__.c)
+
+
+def get_job_row(db, owner: Owner, job_id: str):
+    """The job as a plain row (Core, autocommit, no ORM): the cheapest read, for polling."""
+    stmt = select(*_JOB_COLUMNS).where(Job.id == job_id, Job.owner_id == owner.id)
+    with db.read_engine.connect() as conn:
+        row = conn.execute(stmt).mappings().first()
+    return SimpleNamespace(**row) if row is not None else None
 
 
 def job_by_idempotency_key(session: Session, owner: Owner, key: str) -> Job | None:

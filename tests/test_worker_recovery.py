@@ -139,6 +139,22 @@ def test_rerun_after_a_crash_replaces_rows(pg_db):
         assert s.get(Job, job_id).attempts == 2
 
 
+def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(pg_db):
+    from app.models import Job, JobStatus
+    from worker.tasks import execute_job
+
+    settings, db = pg_db
+    job_id = _make_job(settings, db)
+    with db.begin() as s:  # the third worker died too (e.g. killed by the hard time limit)
+        s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING, heartbeat_at=None,
+                                                             attempts=settings.max_attempts))
+    assert execute_job(job_id, db=db, settings=settings) == "skipped"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.FAILED and "started 3 times" in job.error
+    assert _count(db, job_id) == 0
+
+
 def test_running_job_with_a_live_heartbeat_is_not_taken_over(pg_db):
     from app.models import Job, JobStatus, utcnow
     from worker.tasks import execute_job

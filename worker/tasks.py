@@ -243,6 +243,16 @@ def _claim(db: Database, job_id: str, worker_name: str, settings: Settings, take
             if hb is not None and now - hb < timedelta(seconds=settings.heartbeat_timeout):
                 return "busy"
             log.warning("job %s: previous worker %s stopped answering; starting it again", job_id, job.worker)
+        if job.attempts >= settings.max_attempts:
+            job.status = JobStatus.FAILED
+            job.finished_at = now
+            job.error = (
+                f"The job was started {job.attempts} times and its worker stopped each time (crashed, ran out of "
+                "memory or reached the hard time limit). Try fewer or smaller images, or fewer epochs."
+            )
+            job.progress = {**(job.progress or {}), "stage": "failed"}
+            log.error("job %s: giving up after %d attempts", job_id, job.attempts)
+            return None
         job.status = JobStatus.RUNNING
         job.attempts += 1
         job.started_at = now

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(20, ge=0)
+    db_pool_pre_ping: bool = Field(
+        False,
+        description="Test each pooled connection before use (one more round trip per request). Without it, "
+        "connections broken by a database restart are discarded when they fail.",
+    )
     run_migrations: bool = Field(True, description="Apply `alembic upgrade head` when the API or a worker starts.")
 
     # --- HTTP server -----------------------------------------------------------------
@@ -83,6 +88,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(5.0, gt=0, description="A running job's worker refreshes its heartbeat this often.")
     heartbeat_timeout: float = Field(
         60.0, gt=0, description="A running job whose heartbeat is older is considered abandoned and taken over."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="A job whose worker died this many times (crash, out of memory, hard time limit) fails."
     )
     progress_interval: float = Field(0.5, ge=0, description="Minimum seconds between two progress writes.")
     cancel_check_interval: float = Field(0.5, ge=0, description="Minimum seconds between two cancel-flag reads.")

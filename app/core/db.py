@@ -42,8 +42,8 @@ def make_engine(settings: Settings) -> Engine:
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
-        pool_pre_ping=True,
-        pool_recycle=1800,
+        pool_pre_ping=settings.db_pool_pre_ping,
+        pool_recycle=900,
     )
 
 

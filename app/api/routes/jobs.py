@@ -52,7 +52,8 @@ def job_links(request: Request, job_id: str) -> dict[str, str]:
     return {"self": base, "labels": f"{base}/labels.csv", "metrics": f"{base}/metrics", "cancel": f"{base}/cancel"}
 
 
-def job_out(request: Request, job: Job) -> JobOut:
+def job_out(request: Request, job) -> JobOut:
+    """``job``: a Job or a row with the same attributes."""
     return JobOut.model_validate({
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
         "n_images": job.n_images,
@@ -365,8 +366,10 @@ async def get_job(job_id: str, request: Request, owner: OwnerDep, db: DatabaseDe
     """Status, progress (stage, percent, epoch, rho), timestamps, error or result summary."""
 
     def load() -> dict:  # one thread hop, one autocommit query: this is the polled endpoint
-        with db.read_session() as s:
-            return job_out(request, _get_job_or_404(s, owner, job_id)).model_dump(mode="json")
+        job = crud.get_job_row(db, owner, job_id)
+        if job is None:
+            raise NotFound(f"No job {job_id!r} for this API key. List your jobs with GET /jobs.")
+        return job_out(request, job).model_dump(mode="json")
 
     return JSONResponse(await run_in_threadpool(load))
 
