@@ -183,6 +183,7 @@ class _SemiDual:
         torch.add(p.neg_cost_eps, v / p.eps, out=self.kernel)
         self.offset = self.kernel.amax(dim=1)
         self.kernel.sub_(self.offset.unsqueeze(1)).exp_()
+        self.kernel32 = None  # float32 copy for the Gram product, made on first use
         self.v_ref = v.clone()
 
     def evaluate(self, v: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,22 +222,36 @@ class _SemiDual:
         """
         p = self.p
         rows = self.hessian_rows
-        kern, inv_s = (self.kernel, 1.0 / s) if rows is None else (self.kernel[rows], 1.0 / s[rows])
-        # Form the row-stochastic P before casting: its entries lie in [0, 1] (no overflow).
-        plan = (kern * self.b.unsqueeze(0)).mul_(inv_s.unsqueeze(1))
-        col_h = col if rows is None else plan.sum(dim=0) / rows.numel()
-        pf = plan.to(torch.float32)
+        if self.kernel32 is None:
+            # float32 copy for the Gram product; entries that would be float32 denormals are
+            # dropped (they are < 1e-30 of the row maximum and make BLAS crawl).
+            self.kernel32 = torch.nn.functional.threshold(self.kernel.to(torch.float32), 1e-30, 0.0)
+        kern, s_rows = (self.kernel32, s) if rows is None else (self.kernel32[rows], s[rows])
+        # P = diag(1/s) M diag(b) is row-stochastic, so float32 cannot overflow (b and 1/s
+        # stay within e^{+-50} of 1 between absorptions).
+        pf = kern * self.b.to(torch.float32).unsqueeze(0)
+        pf.mul_((1.0 / s_rows).to(torch.float32).unsqueeze(1))
         gram = (pf.T @ pf).to(torch.float64) / pf.shape[0]
+        col_h = col if rows is None else self.b * (self.kernel[rows].T @ (1.0 / s_rows)) / rows.numel()
         h = (torch.diag(col_h) - gram) / p.eps
         h.diagonal().add_(torch.where(p.soft, self.target(v) / p.lam, 0.0))
         return h
 
-    def plan(self, s: torch.Tensor) -> torch.Tensor:
-        """Qh = diag(1/(N s)) M diag(b) at the last evaluated point (reuses the kernel buffer)."""
-        return self.kernel.mul_(self.b).div_((self.n * s).unsqueeze(1))
+    def plan(self, s: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(Qh, sum Qh (log Qh - 1))`` at the last evaluated point (Qh reuses the kernel buffer).
+
+        ``log Qh_ij = -Ch_ij/eps + v_j/eps - off_i - log(N s_i)``, so the entropy needs one
+        dot product with the cost instead of a logarithm per entry.
+        """
+        p = self.p
+        qh = self.kernel.mul_(self.b).div_((self.n * s).unsqueeze(1))
+        v = self.v_ref + p.eps * torch.log(self.b)
+        ent = float((qh * p.neg_cost_eps).sum() + (col * v).sum() / p.eps
+                    - (self.offset + torch.log(self.n * s)).sum() / self.n) - float(col.sum())
+        return qh, ent
 
 
-_SCALING_WARMUP = 5
+_SCALING_WARMUP = 0
 
 
 def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int):
@@ -258,16 +273,18 @@ def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int):
     b = sd.b
     err = float(grad.abs().sum())
     it = 0
+    damping = 1.0
     while err >= tol and it < max_iter:
         it += 1
         h = sd.neg_hessian(v, col, s)
         # Per-column damping (Levenberg-Marquardt): a nearly empty column has a near-zero
         # curvature and would take an unbounded Newton step; cap it near the scaling step
         # eps*|log(t_j/col_j)|. The damping vanishes with the gradient, so convergence stays
-        # quadratic; the small ridge covers float32 Gram error and the all-exact case.
+        # quadratic; the small ridge covers float32 Gram error and the all-exact case. The
+        # damping factor adapts: it shrinks while full steps succeed and grows on backtracking.
         target = grad + col
         radius = prob.eps * (1.0 + (target.clamp_min(1e-300).log() - col.clamp_min(1e-300).log()).abs())
-        h.diagonal().add_(grad.abs() / radius + 1e-7 * float(h.diagonal().abs().max()) + 1e-300)
+        h.diagonal().add_(damping * grad.abs() / radius + 1e-7 * float(h.diagonal().abs().max()) + 1e-300)
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             step = torch.cholesky_solve(grad.unsqueeze(1), chol).squeeze(1)
@@ -283,26 +300,29 @@ def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int):
             t *= 0.5
             if t < 1e-12:
                 break
+        damping = damping * 0.1 if t == 1.0 else min(damping * 10.0, 1e6)
         if g_new < g_val:  # no ascent left at float64 precision: stop at the best point
             g_val, grad, col, s = sd.evaluate(v)
             break
         v, g_val, grad, col, s = v_new, g_new, grad_new, col_new, s_new
         err = float(grad.abs().sum())
-    return v, sd.plan(s), it, err, g_val
+    qh, ent = sd.plan(s, col)
+    return v, qh, it, err, ent
 
 
 # --------------------------------------------------------------------------------------
 # objectives
 
 
-def _entropic_objective(prob_cost: torch.Tensor, qh: torch.Tensor, prob: _Problem) -> float:
+def _entropic_objective(cost: torch.Tensor, qh: torch.Tensor, prob: _Problem, entropy: float | None = None) -> float:
     """<Qh, Ch> + eps sum Qh(log Qh - 1) + lam sum_soft KL(col_j || beta_j), on the unshifted cost."""
     k = prob.n_real
-    lin = float((qh[:, :k] * prob_cost).sum())
-    ent = float(torch.special.xlogy(qh, qh).sum() - qh.sum())
+    lin = float((qh[:, :k] * cost).sum())
+    if entropy is None:
+        entropy = float(torch.special.xlogy(qh, qh).sum() - qh.sum())
     col = qh.sum(dim=0)
     kl = torch.special.xlogy(col, col) - col * torch.log(prob.beta) - col + prob.beta
-    return lin + prob.eps * ent + prob.lam * float(kl[prob.soft].sum())
+    return lin + prob.eps * entropy + prob.lam * float(kl[prob.soft].sum())
 
 
 def _adapt_init(init: torch.Tensor | None, m: int, n_real: int) -> torch.Tensor | None:
@@ -361,12 +381,12 @@ def solve_transport(cost, rho=1.0, *, formulation="p2ot", eps=0.1, lam=1.0, tol=
     _check_params(rho, eps, lam, tol, max_iter)
     prob = _make_problem(cost, float(rho), formulation, float(eps), float(lam))
     v0 = _adapt_init(init, prob.beta.shape[0], prob.n_real)
-    v, qh, it, err, _ = _newton(prob, v0.to(prob.beta.device) if v0 is not None else None, tol, int(max_iter))
+    v, qh, it, err, ent = _newton(prob, v0.to(prob.beta.device) if v0 is not None else None, tol, int(max_iter))
     q = qh[:, : prob.n_real]
     if not return_info:
         return q.to(cost.dtype)
     info = SolverInfo(n_iter=it, n_inner=it, marginal_error=err, converged=err < tol, potentials=v,
-                      objective=_entropic_objective(cost.to(torch.float64), qh, prob))
+                      objective=_entropic_objective(cost.to(torch.float64), qh, prob, ent))
     return q.to(cost.dtype), info
 
 
@@ -381,8 +401,8 @@ def solve_p2ot(cost: torch.Tensor, rho: float, *, eps: float = 0.1, lam: float =
                            init=init, return_info=return_info)
 
 
-def _to_sym_sparse(graph, n: int, device: torch.device) -> torch.Tensor:
-    """``S + S^T`` as a float64 torch sparse CSR tensor on ``device``."""
+def _to_sym_sparse(graph, n: int, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``S + S^T`` as a torch sparse CSR tensor on ``device``."""
     if isinstance(graph, torch.Tensor):
         if graph.shape != (n, n):
             raise ValueError(f"graph has shape {tuple(graph.shape)}; the cost has N={n} rows, so it must be {n} x {n}")
@@ -404,8 +424,8 @@ def _to_sym_sparse(graph, n: int, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():  # torch flags sparse CSR as beta; the product used here is stable
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(
-        torch.from_numpy(sym.indptr.astype(np.int64)), torch.from_numpy(sym.indices.astype(np.int64)),
-            torch.from_numpy(sym.data), size=(n, n), dtype=torch.float64, device=device)
+            torch.from_numpy(sym.indptr.astype(np.int64)), torch.from_numpy(sym.indices.astype(np.int64)),
+            torch.from_numpy(sym.data), size=(n, n), dtype=dtype, device=device)
 
 
 def solve_sp2ot(cost: torch.Tensor, graph, rho: float, *, lam_s: float, eps: float = 0.1, lam: float = 1.0,
@@ -438,30 +458,31 @@ def solve_sp2ot(cost: torch.Tensor, graph, rho: float, *, lam_s: float, eps: flo
     if not lam_s >= 0:
         raise ValueError(f"lam_s must be >= 0, got {lam_s!r}")
     n, k = cost.shape
-    sym = _to_sym_sparse(graph, n, cost.device)
+    # The sparse product runs in the cost's precision: float32 costs (as training passes)
+    # take torch's much faster float32 sparse kernel; float64 costs get an exact product.
+    sdtype = torch.float32 if cost.dtype == torch.float32 else torch.float64
+    sym = _to_sym_sparse(graph, n, cost.device, sdtype)
     c64 = cost.to(torch.float64)
     rho_eff = 1.0 if formulation in ("uot", "ot") else float(rho)
 
-    def objective(qh: torch.Tensor, prob: _Problem) -> float:
-        q = qh[:, :k]
-        semantic = 0.5 * float((q * torch.sparse.mm(sym, q)).sum())
-        return _entropic_objective(c64, qh, prob) - lam_s * semantic
+    def semantic_product(q: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(sym, q.to(sdtype)).to(torch.float64)
 
     q = c64.new_full((n, k), rho_eff / (n * k))
+    sq = semantic_product(q)
     v = init
-    f_old = math.inf
+    f_old = f_new = math.inf
     inner = 0
     err = math.inf
     steps = 0
-    qh = None
     for steps in range(1, int(mm_max_iter) + 1):
-        c_t = c64 - lam_s * torch.sparse.mm(sym, q)
-        prob = _make_problem(c_t, float(rho), formulation, float(eps), float(lam))
+        prob = _make_problem(c64 - lam_s * sq, float(rho), formulation, float(eps), float(lam))
         v0 = _adapt_init(v, prob.beta.shape[0], k)
-        v, qh, it, err, _ = _newton(prob, v0.to(prob.beta.device) if v0 is not None else None, tol, int(max_iter))
+        v, qh, it, err, ent = _newton(prob, v0.to(prob.beta.device) if v0 is not None else None, tol, int(max_iter))
         inner += it
         q = qh[:, :k]
-        f_new = objective(qh, prob)
+        sq = semantic_product(q)  # reused by the next step's linearisation
+        f_new = _entropic_objective(c64, qh, prob, ent) - lam_s * 0.5 * float((q * sq).sum())
         if abs(f_old - f_new) < mm_tol:
             f_old = f_new
             break
