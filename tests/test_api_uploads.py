@@ -355,3 +355,47 @@ def test_openapi_documents_the_upload(api):
     assert "multipart/form-data" in body and "application/json" in body
     assert body["multipart/form-data"]["schema"]["properties"]["archive"]["format"] == "binary"
     assert api["client"].get("/docs").status_code == 200
+
+
+def test_broker_down_means_503_and_nothing_left(api, tmp_path):
+    """The job cannot be queued: the client gets a 503 to retry, and the job is not kept."""
+    settings = api["settings"].model_copy(update={"broker_url": "redis://127.0.0.1:1/0", "data_dir": tmp_path,
+                                                  "run_migrations": False})
+    jobs_before = api["client"].get("/jobs", headers=auth(api["key"])).json()["total"]
+    with api_client(settings) as c:
+        r = upload_job(c, api["key"], make_zip(image_set(6)), n_clusters=2)
+        assert "queue" in _detail(r, 503) and "Try again" in r.json()["detail"]
+        health = c.get("/health").json()
+        assert health["status"] == "degraded" and not health["broker"]["ok"], health
+    assert files_under(tmp_path / "jobs") == [] and files_under(tmp_path / "tmp") == []
+    assert api["client"].get("/jobs", headers=auth(api["key"])).json()["total"] == jobs_before
+
+
+def test_labels_csv_streams_many_rows_in_order(api):
+    """12,345 rows (several fetch batches) written with COPY, streamed back in order, with
+    awkward file names quoted correctly."""
+    import csv
+
+    from app import crud
+    from app.models import Job, JobStatus, new_id
+    from worker.tasks import bulk_insert_assignments
+
+    db = api["db"]
+    n = 12_345
+    names = [f"dir/img,{i:05d} \"quoted\" é.png" if i % 1000 == 0 else f"dir/img_{i:05d}.png" for i in range(n)]
+    job_id = new_id()
+    with db.session() as s:
+        owner = crud.owner_for_key(s, api["key"])
+        s.add(Job(id=job_id, owner_id=owner.id, input_path="jobs/x", n_clusters=7, backbone="efficientnet_lite0",
+                  mode="fast", formulation="sp2ot", seed=0, input_skipped=[], progress={}, status=JobStatus.SUCCEEDED,
+                  summary={"n_images": n, "n_clusters": 7, "cluster_sizes": [], "n_skipped": 0, "skipped": []}))
+        s.commit()
+    with db.begin() as s:
+        bulk_insert_assignments(s, job_id, names, [i % 7 for i in range(n)], [0.5] * n)
+    r = api["client"].get(f"/jobs/{job_id}/labels.csv", headers=auth(api["key"]))
+    assert r.status_code == 200
+    rows = list(csv.reader(io.StringIO(r.text)))
+    assert rows[0] == ["filename", "cluster", "confidence"]
+    assert [row[0] for row in rows[1:]] == names
+    assert [int(row[1]) for row in rows[1:]] == [i % 7 for i in range(n)]
+    assert api["client"].delete(f"/jobs/{job_id}", headers=auth(api["key"])).status_code == 204

@@ -291,9 +291,7 @@ async def create_job(
             return _replay(request, existing)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        raw = await request.body()
-        if len(raw) > 1 << 20:
-            raise ApiError("The JSON body is too large.", 413)
+        raw = await _read_small_body(request, 1 << 20)
         try:
             payload = json.loads(raw or b"null")
         except ValueError:
@@ -329,6 +327,19 @@ async def create_job(
     log.info("job %s created by %s (%d images, K=%d)", job.id, owner.name, job.n_images, job.n_clusters)
     return JSONResponse(job_out(request, job).model_dump(mode="json"), status_code=202,
                         headers={"Location": job_links(request, job.id)["self"]})
+
+
+async def _read_small_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) anything larger than ``limit`` without reading it all."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(f"The JSON body is larger than {limit} bytes.", 413)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf.extend(chunk)
+        if len(buf) > limit:
+            raise ApiError(f"The JSON body is larger than {limit} bytes.", 413)
+    return bytes(buf)
 
 
 def _delete_job_everything(db: Database, storage: Storage, job_id: str) -> None:
