@@ -329,14 +329,25 @@ def test_dataset_upload_reports_skipped_files(api):
         c.post("/jobs", json={"dataset_id": ds["id"], "n_clusters": 10}, headers=auth(key)), 422)
     r = c.post("/jobs", json={"dataset_id": ds["id"], "n_clusters": 3}, headers=auth(key))
     assert r.status_code == 202 and r.json()["dataset_id"] == ds["id"]
-    # In use by a queued job: 409; after cancelling the job, deletion works.
-    assert "used by 1 queued or running job" in _detail(c.delete(f"/datasets/{ds['id']}", headers=auth(key)), 409)
+    # Multipart with a dataset_id and a truth CSV (names as in the archive, or base names).
+    truth = b"filename,label\nshapes/img_000_red_circle.png,red\nimg_001_green_square.png,green\n"
+    r2 = c.post("/jobs", data={"dataset_id": ds["id"], "n_clusters": "2"},
+                files={"truth": ("t.csv", truth, "text/csv")}, headers=auth(key))
+    assert r2.status_code == 202 and r2.json()["has_truth"], r2.text
+    assert (api["data_dir"] / "jobs" / r2.json()["id"] / "truth.csv").read_text().count("\n") == 3
+    bad = c.post("/jobs", data={"dataset_id": ds["id"], "n_clusters": "2"},
+                 files={"truth": ("t.csv", b"nothing.png,x\n", "text/csv")}, headers=auth(key))
+    assert "No filename of the truth CSV" in _detail(bad, 422)
+    # In use by queued jobs: 409; after cancelling them, deletion works.
+    assert "used by 2 queued or running job" in _detail(c.delete(f"/datasets/{ds['id']}", headers=auth(key)), 409)
     c.post(f"/jobs/{r.json()['id']}/cancel", headers=auth(key))
+    c.post(f"/jobs/{r2.json()['id']}/cancel", headers=auth(key))
     assert c.delete(f"/datasets/{ds['id']}", headers=auth(key)).status_code == 204
     assert not (api["data_dir"] / "datasets" / ds["id"]).exists()
     job = c.get(f"/jobs/{r.json()['id']}", headers=auth(key)).json()
     assert job["dataset_id"] is None and job["status"] == "cancelled"
     c.delete(f"/jobs/{job['id']}", headers=auth(key))
+    c.delete(f"/jobs/{r2.json()['id']}", headers=auth(key))
 
 
 def test_dataset_rejections_leave_nothing(api, nothing_left):

@@ -139,21 +139,19 @@ def _find_idempotent(db: Database, owner: Owner, key: str) -> Job | None:
         return crud.job_by_idempotency_key(s, owner, key)
 
 
-def _insert_job(db: Database, job: Job, idem_key: str | None, owner: Owner) -> tuple[Job, bool]:
-    """Insert; with an idempotency key already used concurrently, return that job instead."""
-    with db.session() as s:
-        s.add(job)
-        try:
-            s.commit()
-            s.refresh(job)
-            return job, True
-        except IntegrityError:
-            s.rollback()
-            if idem_key:
-                existing = crud.job_by_idempotency_key(s, owner, idem_key)
-                if existing is not None:
-                    return existing, False
+def _commit_job(s, job: Job, idem_key: str | None, owner: Owner) -> tuple[Job, bool]:
+    """Insert and commit; when the idempotency key was used concurrently, return that job."""
+    s.add(job)
+    try:
+        s.commit()
+    except IntegrityError:
+        s.rollback()
+        existing = crud.job_by_idempotency_key(s, owner, idem_key) if idem_key else None
+        if existing is None:
             raise
+        return existing, False
+    s.refresh(job)
+    return job, True
 
 
 def _image_names_of_folder(root) -> list[str]:
@@ -190,14 +188,19 @@ def _create_from_upload(
             truth_rows = parse_truth(truth.path, prepared.names) if truth is not None else None
             job_dir.mkdir(parents=True)
             os.replace(prepared.root, job_dir / "images")
+            if truth_rows is not None:
+                write_truth(truth_rows, storage.truth_path(job_id))
             job = Job(
                 id=job_id, owner_id=owner.id, idempotency_key=idem_key, input_path=storage.rel(job_dir / "images"),
                 owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=prepared.n_images,
                 input_skipped=[list(x) for x in prepared.skipped], has_truth=truth_rows is not None, **opts,
             )
+            with db.session() as s:
+                job, created = _commit_job(s, job, idem_key, owner)
         else:
             with db.session() as s:
-                ds = crud.get_dataset(s, owner, dataset_id)
+                # The dataset row stays locked until the job is committed: it cannot be deleted meanwhile.
+                ds = crud.get_dataset(s, owner, dataset_id, for_update=True)
                 if ds is None:
                     raise NotFound(f"No dataset {dataset_id!r} for this API key. List them with GET /datasets.")
                 _check_k(params.n_clusters, ds.n_images)
@@ -206,11 +209,10 @@ def _create_from_upload(
                     skipped = {n for n, _ in ds.skipped}
                     names = [n for n in _image_names_of_folder(storage.abs(ds.files_path)) if n not in skipped]
                     truth_rows = parse_truth(truth.path, sorted(names))
+                    job_dir.mkdir(parents=True)
+                    write_truth(truth_rows, storage.truth_path(job_id))
                 job = _dataset_job(job_id, owner, ds, idem_key, opts, truth_rows is not None)
-            job_dir.mkdir(parents=True)
-        if truth_rows is not None:
-            write_truth(truth_rows, storage.truth_path(job_id))
-        job, created = _insert_job(db, job, idem_key, owner)
+                job, created = _commit_job(s, job, idem_key, owner)
         if not created:
             storage.remove_job_files(job_id)
         return job, created
@@ -230,25 +232,13 @@ def _dataset_job(job_id: str, owner: Owner, ds: Dataset, idem_key: str | None, o
 def _create_from_dataset(db: Database, settings: Settings, storage: Storage, owner: Owner,
                          body: JobFromDataset, idem_key: str | None) -> tuple[Job, bool]:
     opts = resolve_options(body, settings)
-    job_id = new_id()
     with db.session() as s:
         # Locks the dataset row so that it cannot be deleted while the job is being created.
         ds = crud.get_dataset(s, owner, body.dataset_id, for_update=True)
         if ds is None:
             raise NotFound(f"No dataset {body.dataset_id!r} for this API key. List them with GET /datasets.")
         _check_k(body.n_clusters, ds.n_images)
-        job = _dataset_job(job_id, owner, ds, idem_key, opts, False)
-        s.add(job)
-        try:
-            s.commit()
-        except IntegrityError:
-            s.rollback()
-            existing = crud.job_by_idempotency_key(s, owner, idem_key) if idem_key else None
-            if existing is None:
-                raise
-            return existing, False
-        s.refresh(job)
-    return job, True
+        return _commit_job(s, _dataset_job(new_id(), owner, ds, idem_key, opts, False), idem_key, owner)
 
 
 @router.post(
