@@ -56,8 +56,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in SERVICE_COMMANDS:
-        from sp2ot_engine.cli import main as engine_main  # lazy: pulls in torch
-
+        try:
+            from sp2ot_engine.cli import main as engine_main  # lazy: pulls in torch
+        except ModuleNotFoundError as e:
+            if e.name not in ("sp2ot_engine.cli", "sp2ot_engine"):
+                raise
+            print(f"sp2ot: unknown command {argv[0]!r} (the engine commands are not installed). "
+                  f"Service commands: {', '.join(SERVICE_COMMANDS)}.", file=sys.stderr)
+            return 2
         return engine_main(argv) or 0
     args = _parser().parse_args(argv)
     if args.command is None:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from python_multipart.multipart import MultipartParser, parse_options_header
+try:
+    from python_multipart.multipart import MultipartParser, parse_options_header
+except ImportError:  # python-multipart < 0.0.13
+    from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
 from starlette.requests import ClientDisconnect, Request
 
 from app.errors import ApiError, UploadRejected, UploadTooLarge, human_bytes
