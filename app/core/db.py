@@ -17,8 +17,11 @@ log = logging.getLogger("sp2ot.db")
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
-def make_engine(settings: Settings) -> Engine:
+def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
+    """The engine; ``read_only``: a separate pool of autocommit connections for
+    single-statement reads (no BEGIN/ROLLBACK round trip, no per-checkout mode switch)."""
     url = settings.sqlalchemy_url
+    extra = {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None} if read_only else {}
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
@@ -26,6 +29,7 @@ def make_engine(settings: Settings) -> Engine:
             connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
+            **extra,
         )
 
         @event.listens_for(engine, "connect")
@@ -44,6 +48,7 @@ def make_engine(settings: Settings) -> Engine:
         max_overflow=settings.db_max_overflow,
         pool_pre_ping=settings.db_pool_pre_ping,
         pool_recycle=900,
+        **extra,
     )
 
 
@@ -54,9 +59,8 @@ class Database:
         self.settings = settings
         self.engine = make_engine(settings)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
-        # Single-statement reads (polling, auth, cancel-flag checks) run in autocommit: no
-        # BEGIN/ROLLBACK round trips. Same connection pool.
-        self.read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Single-statement reads (polling, auth, cancel-flag checks) run in autocommit.
+        self.read_engine = make_engine(settings, read_only=True)
         self.read_sessionmaker = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @property
@@ -82,6 +86,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()
 
 
 def alembic_config(url: str):
