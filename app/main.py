@@ -21,6 +21,7 @@ from app.api.deps import _KeyCache
 from app.api.routes import datasets, health, jobs
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database, run_migrations
+from app.core.fastread import make_read_pool
 from app.dispatch import make_dispatcher
 from app.errors import ApiError
 from app.storage import Storage
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(run_migrations, settings)
         db = Database(settings)
         app.state.db = db
+        app.state.read_pool = make_read_pool(settings)
         app.state.storage = storage
         app.state.dispatcher = make_dispatcher(settings, db)
         # The image scanner pulls in torch: import it now rather than during the first upload.
@@ -106,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.dispatcher.shutdown()
+            if app.state.read_pool is not None:
+                await app.state.read_pool.close()
             db.dispose()
 
     app = FastAPI(

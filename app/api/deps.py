@@ -110,7 +110,11 @@ async def current_owner(request: Request) -> Owner:
         cache_key = hash_api_key(key)
     owner = cache.get(cache_key)
     if owner is None:
-        owner = await run_in_threadpool(_lookup_owner, request.app.state.db, key)
+        pool = request.app.state.read_pool
+        if key is not None and pool is not None:
+            owner = await pool.owner_for_key(key)
+        else:
+            owner = await run_in_threadpool(_lookup_owner, request.app.state.db, key)
         if owner is None:
             raise Unauthorized("Invalid or revoked API key.")
         cache.put(cache_key, owner)

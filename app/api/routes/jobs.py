@@ -366,13 +366,16 @@ def list_jobs(
 async def get_job(job_id: str, request: Request, owner: OwnerDep, db: DatabaseDep):
     """Status, progress (stage, percent, epoch, rho), timestamps, error or result summary."""
 
-    def load() -> dict:  # one thread hop, one autocommit query: this is the polled endpoint
-        job = crud.get_job_row(db, owner, job_id)
-        if job is None:
-            raise NotFound(f"No job {job_id!r} for this API key. List your jobs with GET /jobs.")
-        return job_out(request, job).model_dump(mode="json")
-
-    return JSONResponse(await run_in_threadpool(load))
+    # The polled endpoint: one autocommit query, on the event loop with PostgreSQL
+    # (app.core.fastread), else in one thread-pool hop.
+    pool = request.app.state.read_pool
+    if pool is not None:
+        job = await pool.job(owner, job_id)
+    else:
+        job = await run_in_threadpool(crud.get_job_row, db, owner, job_id)
+    if job is None:
+        raise NotFound(f"No job {job_id!r} for this API key. List your jobs with GET /jobs.")
+    return JSONResponse(job_out(request, job).model_dump(mode="json"))
 
 
 def _require_success(job: Job, what: str) -> None:
