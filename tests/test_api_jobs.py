@@ -146,3 +146,20 @@ def test_job_failing_in_the_engine_reports_the_reason(celery_stack):
     job = wait_for(c, key, r.json()["id"], timeout=120)
     assert job["status"] == "failed" and "backbone" in job["error"].lower(), job
     assert "failed" in _detail(c.get(f"/jobs/{job['id']}/labels.csv", headers=auth(key)), 409)
+
+
+def test_delete_a_running_job(celery_stack):
+    """Deleting a running job removes its rows and files at once; its worker notices within
+    a second that the job is gone and stops without writing anything."""
+    c, key, db = celery_stack["client"], celery_stack["key"], celery_stack["db"]
+    r = upload_job(c, key, make_zip(image_set(24)), n_clusters=3, **{**ENGINE_OPTIONS, "epochs": 500})
+    jid = r.json()["id"]
+    wait_for(c, key, jid, timeout=120, predicate=lambda j: j["progress"].get("stage") == "training")
+    assert c.delete(f"/jobs/{jid}", headers=auth(key)).status_code == 204
+    assert c.get(f"/jobs/{jid}", headers=auth(key)).status_code == 404
+    assert not (celery_stack["data_dir"] / "jobs" / jid).exists()
+    deadline = time.time() + 60
+    while time.time() < deadline and f"job {jid}: attempt 1 superseded or deleted" not in celery_stack["worker"].log():
+        time.sleep(0.2)
+    assert f"job {jid}: attempt 1 superseded or deleted" in celery_stack["worker"].log()
+    assert assignment_rows(db, jid) == []
