@@ -57,6 +57,8 @@ __all__ = [
     "ImageCollection",
     "ImageDataset",
     "ImageLoadError",
+    "EvalTransform",
+    "ToNormalizedTensor",
     "TwoViews",
     "decode_image",
     "eval_transform",
@@ -719,23 +721,91 @@ def _default_resize(input_size: int, resize: int | None) -> int:
     return resize
 
 
-def _to_normalised_tensor(mean, std) -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+_PIL_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ToNormalizedTensor:
+    """PIL image or uint8 ``(3, H, W)`` tensor -> float32 ``(x / 255 - mean) / std`` in one pass.
+
+    Same result as ``PILToTensor + ToDtype(scale=True) + Normalize``, without the intermediate
+    tensors (about 4x cheaper per 224-px image).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean/std must be 3 values each, std > 0; got {mean}, {std}")
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
+        self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
+
+    def __call__(self, img) -> torch.Tensor:
+        if isinstance(img, Image.Image):
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        else:
+            x = torch.as_tensor(img)
+            if x.dtype != torch.uint8:
+                raise TypeError(f"ToNormalizedTensor expects a PIL image or a uint8 tensor, got {x.dtype}")
+        return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(self._scale).add_(self._shift)
+
+    def __repr__(self) -> str:
+        return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
+
+
+def _center_box(w: int, h: int, resize: int, size: int) -> tuple[float, float, float, float]:
+    """The source-pixel box that ``Resize(resize)`` then ``CenterCrop(size)`` keeps (torchvision's rounding)."""
+    if w <= h:
+        nw, nh = resize, int(resize * h / w)
+    else:
+        nw, nh = int(resize * w / h), resize
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    sx, sy = w / nw, h / nh
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+class EvalTransform:
+    """Shorter side to ``resize``, centre crop ``input_size``, normalised float tensor ``(3, S, S)``.
+
+    For PIL images the resize and the crop are one ``Image.resize(box=...)`` (only the kept pixels
+    are computed; equal to torchvision's Resize + CenterCrop up to 1-2 grey levels of rounding);
+    other inputs go through torchvision ``v2.Resize`` / ``v2.CenterCrop``.
+    """
+
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], resize: int,
+                 interpolation: str = "bicubic"):
+        self.input_size, self.resize, self.interpolation = int(input_size), int(resize), interpolation
+        self._resample = _PIL_RESAMPLE[interpolation]
+        self._to_tensor = ToNormalizedTensor(mean, std)
+        self._fallback = v2.Compose([v2.Resize(self.resize, interpolation=_interp(interpolation), antialias=True),
+                                     v2.CenterCrop(self.input_size)])
+        self.decode_min_side = self.resize  # see ImageDataset
+
+    def __call__(self, img) -> torch.Tensor:
+        if isinstance(img, Image.Image):
+            s = self.input_size
+            img = img.resize((s, s), self._resample, box=_center_box(img.width, img.height, self.resize, s))
+            return self._to_tensor(img)
+        return self._to_tensor(self._fallback(img))
+
+    def __repr__(self) -> str:
+        return (f"EvalTransform(input_size={self.input_size}, resize={self.resize}, "
+                f"interpolation={self.interpolation!r}, {self._to_tensor!r})")
 
 
 def eval_transform(input_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD, resize: int | None = None, *,
-                   interpolation: str = "bicubic") -> v2.Compose:
+                   interpolation: str = "bicubic") -> EvalTransform:
     """Resize the shorter side to ``resize`` (default ``input_size * 256 / 224``), centre-crop
     ``input_size``, to a normalised float tensor. Small images are upscaled (intended)."""
     resize = _default_resize(input_size, resize)
-    t = v2.Compose([
-        v2.Resize(resize, interpolation=_interp(interpolation), antialias=True),
-        v2.CenterCrop(input_size),
-        *_to_normalised_tensor(mean, std),
-    ])
-    t.decode_min_side = resize
-    return t
+    _interp(interpolation)  # validate
+    return EvalTransform(input_size, mean, std, resize, interpolation)
 
 
 def train_transform(input_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
@@ -770,7 +840,7 @@ def train_transform(input_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN
         ops.append(v2.RandomApply([jitter], p=jitter_p))
     if grayscale_p > 0:
         ops.append(v2.RandomGrayscale(p=grayscale_p))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    ops.append(ToNormalizedTensor(mean, std))
     t = v2.Compose(ops)
     t.decode_min_side = min_side
     return t

@@ -384,6 +384,31 @@ def test_transforms_and_two_views():
         train_transform(64, crop="nope")
 
 
+@pytest.mark.parametrize("wh", [(28, 28), (40, 30), (30, 70), (300, 200)])
+def test_fast_eval_transform_matches_torchvision(wh):
+    from torchvision.transforms import InterpolationMode, v2
+
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(3)
+    noise = Image.fromarray(rng.integers(0, 255, (wh[1], wh[0], 3), dtype=np.uint8))
+    img = noise.filter(ImageFilter.GaussianBlur(1.5))  # image-like; pure noise overshoots and clips
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = v2.Compose([v2.Resize(73, interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(64),
+                      v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    ours = eval_transform(64, mean, std)
+    a, b = ref(img), ours(img)
+    assert a.shape == b.shape == (3, 64, 64)
+    level = 1.0 / 255 / min(std)  # one grey level, normalised
+    assert (a - b).abs().max() <= 2 * level + 1e-5  # Pillow's intermediate rounding differs
+    assert (a - b).abs().mean() < 0.2 * level
+    u8 = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    from sp2ot_engine.images import ToNormalizedTensor
+
+    ref_n = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(u8))
+    assert torch.allclose(ToNormalizedTensor(mean, std)(u8), ref_n, atol=1e-5)
+
+
 def test_dataloader_workers_over_tar_in_order(sources):
     col = scan_images(sources["tar"])
     ds = ImageDataset(col, eval_transform(32))
@@ -401,6 +426,31 @@ def test_dataloader_workers_over_tar_in_order(sources):
     order = lambda: torch.cat([i for _, i in make_loader(ds, 5, shuffle=True, seed=7)]).tolist()  # noqa: E731
     first = order()
     assert first == order() and sorted(first) == list(range(len(col)))
+
+
+def test_in_process_loading_is_single_threaded_and_restores(sources):
+    from sp2ot_engine.images import single_threaded
+
+    col = scan_images(sources["folder"])
+    seen = []
+
+    def spy(img):
+        seen.append(torch.get_num_threads())
+        return torch.zeros(1)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ds = ImageDataset(col, spy)
+        ds[0]
+        list(make_loader(ds, batch_size=4))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with single_threaded():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_dataset_with_two_views_collates(sources):
