@@ -79,20 +79,29 @@ class TrainResult:
 
 
 class MemoryBank:
-    """FIFO ring of the last ``capacity`` detached logits with their dataset indices."""
+    """FIFO ring of the last ``capacity`` detached logits with their dataset indices.
+
+    A sample appears at most once: when it comes back in a new batch its older entry is
+    dropped (on small data sets the bank would otherwise fill with copies of the same rows).
+    """
 
     def __init__(self, capacity: int, n_clusters: int, device: torch.device) -> None:
         self.logits = torch.empty(0, n_clusters, device=device)
         self.index = torch.empty(0, dtype=torch.long)
         self.capacity = capacity
 
+    def _older(self, index: torch.Tensor) -> torch.Tensor:
+        return ~torch.isin(self.index, index.cpu())
+
     def with_batch(self, logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bank + batch (the batch last), without changing the bank."""
-        return torch.cat([self.logits, logits.detach()]), torch.cat([self.index, index.cpu()])
+        """Bank + batch (the batch last, older copies of its samples left out), bank unchanged."""
+        keep = self._older(index)
+        return (torch.cat([self.logits[keep.to(self.logits.device)], logits.detach()]),
+                torch.cat([self.index[keep], index.cpu()]))
 
     def push(self, logits: torch.Tensor, index: torch.Tensor) -> None:
-        self.logits = torch.cat([self.logits, logits.detach()])[-self.capacity:]
-        self.index = torch.cat([self.index, index.cpu()])[-self.capacity:]
+        bank_logits, bank_index = self.with_batch(logits, index)
+        self.logits, self.index = bank_logits[-self.capacity:], bank_index[-self.capacity:]
 
 
 class PseudoLabeller:
@@ -196,7 +205,7 @@ def train_head(
             step += 1
             if progress is not None:
                 progress({"stage": "training", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step,
-                          "total_steps": total, "loss": float(loss), "rho": rho, "percent": 100.0 * step / total})
+                          "total_steps": total, "loss": float(loss.detach()), "rho": rho, "percent": 100.0 * step / total})
         mean_loss = loss_sum / max(n_seen, 1)
         mean_rho = rho_sum / max(n_seen, 1)
         history.append({"epoch": epoch + 1, "loss": mean_loss, "rho": mean_rho,
