@@ -33,6 +33,16 @@ DEFAULT_EPOCHS = {"fast": 30, "full": 50}
 ProgressFn = Callable[[dict], None]
 
 
+def spherical_kmeans(features: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """``k`` unit-norm centroids of the L2-normalised features (faiss, 5 restarts)."""
+    import faiss
+
+    x = torch.nn.functional.normalize(features.float(), dim=1).numpy()
+    km = faiss.Kmeans(x.shape[1], k, niter=25, nredo=5, seed=seed, spherical=True, verbose=False)
+    km.train(x)
+    return torch.from_numpy(km.centroids.copy())
+
+
 def _is_path(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike))
 
@@ -55,6 +65,9 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         eps, lam, lam_s: entropic regularisation, column-KL weight, semantic strength ``lam_0``.
         knn, sigma, kernel: kNN graph of the initial features (SP2OT).
         input_size: backbone input resolution (default: the backbone's own).
+        init: cluster-head prototypes from spherical k-means of the features (``"kmeans"``,
+            default: training then refines a sensible partition, which matters on small data
+            sets where there are few steps) or random (``"random"``, as in the paper).
         background: colour transparent pixels are flattened onto.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         num_workers: image-decoding worker processes.
@@ -72,7 +85,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                  bank_batches: int = 10, lr: float = 5e-4, lr_min: float = 5e-6, rho0: float = 0.1,
                  rho_schedule: str = "sigmoid", eps: float = 0.1, lam: float = 1.0, lam_s: float = 1000.0,
                  knn: int = 20, sigma: float = 2.0, kernel: str = "gaussian", input_size: int | None = None,
-                 background: str = "white", device: str = "auto", num_workers: int = 0, seed: int = 0) -> None:
+                 init: str = "kmeans", background: str = "white", device: str = "auto", num_workers: int = 0,
+                 seed: int = 0) -> None:
         self.n_clusters = n_clusters
         self.backbone = backbone
         self.checkpoint = checkpoint
@@ -92,6 +106,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         self.sigma = sigma
         self.kernel = kernel
         self.input_size = input_size
+        self.init = init
         self.background = background
         self.device = device
         self.num_workers = num_workers
@@ -115,6 +130,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         if not 0 < self.rho0 <= 1:
             raise ValueError(f"rho0 must be in (0, 1], got {self.rho0}")
         rho_schedule(0, 1, self.rho0, self.rho_schedule)  # validates the kind
+        if self.init not in ("kmeans", "random"):
+            raise ValueError(f"init must be 'kmeans' or 'random', got {self.init!r}")
         if self.kernel not in ("gaussian", "cosine"):
             raise ValueError(f"kernel must be 'gaussian' or 'cosine', got {self.kernel!r}")
 
@@ -170,7 +187,11 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
 
             graph = knn_graph(features, k=min(self.knn, n - 1), kernel=self.kernel, sigma=self.sigma,
                               device=device if device.type == "cuda" else "cpu")
-        head = CosineHead(features.shape[1], cfg.n_clusters).to(device)
+        head = CosineHead(features.shape[1], cfg.n_clusters)
+        if self.init == "kmeans":
+            report({"stage": "graph", "percent": 50.0})
+            head.weight.data.copy_(spherical_kmeans(features, cfg.n_clusters, self.seed))
+        head = head.to(device)
         if self.mode == "fast" or backbone is None:
             batches, steps = feature_batches(features, cfg.batch_size, self.seed)
             encoder = None

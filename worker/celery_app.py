@@ -9,6 +9,10 @@ back to the queue if the worker process is lost, a worker holds one task at a ti
 from __future__ import annotations
 
 import logging
+import os
+
+# Idle OpenMP threads sleep instead of spinning (see app/cli.py); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from celery import Celery, signals
 

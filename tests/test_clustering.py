@@ -1,0 +1,108 @@
+"""The estimator: scikit-learn conventions, imbalanced clustering quality on separable data,
+persistence, progress, cancellation and bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from sp2ot_engine import Cancelled, SP2OTClustering
+from sp2ot_engine.metrics import evaluate
+
+
+def long_tailed_blobs(sizes=(300, 120, 50, 20), dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), dim)) * 4
+    x = np.concatenate([c + rng.normal(size=(n, dim)) for c, n in zip(centres, sizes)])
+    y = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_estimator_conventions():
+    est = SP2OTClustering(5, epochs=3, formulation="p2ot")
+    params = est.get_params()
+    assert params["n_clusters"] == 5 and params["formulation"] == "p2ot"
+    assert clone(est).get_params() == params
+    with pytest.raises(ValueError, match="not fitted"):
+        est.predict(np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("formulation", ["sp2ot", "p2ot"])
+def test_recovers_long_tailed_clusters(formulation):
+    x, y = long_tailed_blobs()
+    est = SP2OTClustering(4, epochs=15, batch_size=128, formulation=formulation, lr=5e-3, seed=0)
+    labels = est.fit_predict(x)
+    m = evaluate(y, labels)
+    assert m["acc"] > 0.9, m  # including the 20-sample tail cluster
+    assert est.labels_.shape == (len(x),) and est.confidences_.shape == (len(x),)
+    assert ((est.confidences_ >= 0) & (est.confidences_ <= 1)).all()
+    assert est.cluster_sizes_.sum() == len(x) and len(est.cluster_sizes_) == 4
+    assert est.filenames_[:2] == ["0", "1"] and est.skipped_ == []
+    assert len(est.history_) == 15 and {"epoch", "loss", "rho"} <= set(est.history_[0])
+    assert est.history_[-1]["rho"] > est.history_[0]["rho"]  # the curriculum ramps up
+
+
+def test_deterministic_on_cpu_and_predict_after_load(tmp_path):
+    x, _ = long_tailed_blobs(seed=1)
+    a = SP2OTClustering(4, epochs=3, batch_size=64, seed=3).fit(x)
+    b = SP2OTClustering(4, epochs=3, batch_size=64, seed=3).fit(x)
+    assert np.array_equal(a.labels_, b.labels_)
+    path = tmp_path / "model.pt"
+    a.save(path)
+    loaded = SP2OTClustering.load(path)
+    assert np.array_equal(loaded.predict(x), a.predict(x))
+    with pytest.raises(ValueError, match="features"):
+        loaded.predict(np.zeros((3, 5)))
+
+
+def test_progress_and_cancel():
+    x, _ = long_tailed_blobs()
+    seen = []
+    SP2OTClustering(4, epochs=2, batch_size=128).fit(x, progress=seen.append)
+    stages = [s["stage"] for s in seen]
+    assert stages[0] == "graph" and stages[-1] == "done" and "training" in stages
+    assert all({"stage", "percent", "epoch", "loss", "rho"} <= set(s) for s in seen)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        SP2OTClustering(4, epochs=5, batch_size=64).fit(x, should_stop=stop)
+
+
+@pytest.mark.parametrize(
+    "kwargs,x,match",
+    [
+        ({"n_clusters": 1}, np.zeros((10, 2)), "n_clusters must be an integer >= 2"),
+        ({"n_clusters": 20}, np.random.default_rng(0).normal(size=(10, 2)), "at most 10 clusters"),
+        ({"n_clusters": 3, "mode": "slow"}, np.zeros((10, 2)), "mode must be one of"),
+        ({"n_clusters": 3, "formulation": "sela"}, np.zeros((10, 2)), "formulation must be one of"),
+        ({"n_clusters": 3}, np.zeros((2, 2, 2)), "2-D"),
+        ({"n_clusters": 3}, np.full((10, 2), np.nan), "NaN"),
+        ({"n_clusters": 3, "device": "cuda:7"}, np.zeros((10, 2)), "CUDA"),
+    ],
+)
+def test_bad_input(kwargs, x, match):
+    if "device" in kwargs and torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    with pytest.raises(ValueError, match=match):
+        SP2OTClustering(**kwargs).fit(x)
+
+
+def test_bad_image_inputs(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        SP2OTClustering(3).fit(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no readable image"):
+        SP2OTClustering(3).fit(tmp_path)
