@@ -41,7 +41,8 @@ def test_killed_worker_job_completes_on_a_new_worker(pg_url, redis_ns, tmp_path,
             key = create_key(settings, "kill-test")
             w1.wait_ready(120)
             images = image_set(24)
-            r = upload_job(c, key, make_zip(images), n_clusters=3, **{**ENGINE_OPTIONS, "epochs": 8})
+            # enough epochs that training outlasts the poll that sees it start (then SIGKILL)
+            r = upload_job(c, key, make_zip(images), n_clusters=3, **{**ENGINE_OPTIONS, "epochs": 400})
             assert r.status_code == 202, r.text
             jid = r.json()["id"]
             job = wait_for(c, key, jid, timeout=120, predicate=lambda j: j["progress"].get("stage") == "training")
