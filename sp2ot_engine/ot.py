@@ -163,8 +163,6 @@ class _SemiDual:
     """
 
     absorb_at = 50.0
-    hessian_flops = 400_000_000  # budget for one Gram product; beyond it rows are subsampled
-    min_hessian_rows = 2048
 
     def __init__(self, prob: _Problem, v: torch.Tensor) -> None:
         self.p = prob
@@ -175,11 +173,6 @@ class _SemiDual:
         # float32 Gram products are twice as fast but limit the attainable accuracy of the
         # Newton direction; small problems, and any solve whose progress stalls, use float64.
         self.precise = self.n * m * m <= 20_000_000
-        n_rows = max(self.min_hessian_rows, self.hessian_flops // (m * m))
-        self.hessian_rows = None
-        if n_rows < self.n:
-            gen = torch.Generator().manual_seed(0)
-            self.hessian_rows = torch.randperm(self.n, generator=gen)[:n_rows].sort().values.to(self.kernel.device)
 
     def absorb(self, v: torch.Tensor) -> None:
         p = self.p
@@ -218,29 +211,25 @@ class _SemiDual:
     def neg_hessian(self, v: torch.Tensor, col: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """-H = (1/eps)(diag(col) - P^T P / N) + diag(t_soft / lam), P = N Qh = diag(1/s) M diag(b).
 
-        The ``N (K+1)^2`` Gram product dominates the cost for large ``K``: it is computed in
-        float32 on at most ``hessian_rows`` rows (a fixed subsample; the subsampled matrix is
-        still positive semi-definite). The gradient stays exact, so this only changes the
-        search direction, never the solution.
+        The ``N (K+1)^2`` Gram product dominates the cost; it runs in float32 unless
+        ``precise`` is set. The gradient stays exact, so this only changes the search
+        direction, never the solution.
         """
         p = self.p
-        rows = self.hessian_rows
-        if self.kernel32 is None:
-            # float32 copy for the Gram product; entries that would be float32 denormals are
-            # dropped (they are < 1e-30 of the row maximum and make BLAS crawl).
-            self.kernel32 = torch.nn.functional.threshold(self.kernel.to(torch.float32), 1e-30, 0.0)
-        kern, s_rows = (self.kernel32, s) if rows is None else (self.kernel32[rows], s[rows])
-        # P = diag(1/s) M diag(b) is row-stochastic, so float32 cannot overflow (b and 1/s
-        # stay within e^{+-50} of 1 between absorptions).
         if self.precise:
-            pf = (self.kernel if rows is None else self.kernel[rows]) * self.b.unsqueeze(0)
-            pf.mul_((1.0 / s_rows).unsqueeze(1))
+            pf = self.kernel * self.b.unsqueeze(0)
+            pf.mul_((1.0 / s).unsqueeze(1))
         else:
-            pf = kern * self.b.to(torch.float32).unsqueeze(0)
-            pf.mul_((1.0 / s_rows).to(torch.float32).unsqueeze(1))
-        gram = (pf.T @ pf).to(torch.float64) / pf.shape[0]
-        col_h = col if rows is None else self.b * (self.kernel[rows].T @ (1.0 / s_rows)) / rows.numel()
-        h = (torch.diag(col_h) - gram) / p.eps
+            if self.kernel32 is None:
+                # float32 copy; entries that would be float32 denormals are dropped (they are
+                # < 1e-30 of the row maximum and make BLAS crawl).
+                self.kernel32 = torch.nn.functional.threshold(self.kernel.to(torch.float32), 1e-30, 0.0)
+            # P = diag(1/s) M diag(b) is row-stochastic, so float32 cannot overflow (b and 1/s
+            # stay within e^{+-50} of 1 between absorptions).
+            pf = self.kernel32 * self.b.to(torch.float32).unsqueeze(0)
+            pf.mul_((1.0 / s).to(torch.float32).unsqueeze(1))
+        gram = (pf.T @ pf).to(torch.float64) / self.n
+        h = (torch.diag(col) - gram) / p.eps
         h.diagonal().add_(torch.where(p.soft, self.target(v) / p.lam, 0.0))
         return h
 
@@ -316,7 +305,7 @@ def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int):
             break
         v, g_val, grad, col, s = v_new, g_new, grad_new, col_new, s_new
         err, err_prev = float(grad.abs().sum()), err
-        if t == 1.0 and err > 0.25 * err_prev:
+        if t == 1.0 and err < 1e-4 and err > 0.25 * err_prev:
             sd.precise = True  # a full step that barely helps: the float32 direction is the limit
     qh, ent = sd.plan(s, col)
     return v, qh, it, err, ent
