@@ -3,7 +3,7 @@
 Layout::
 
     <data_dir>/sp2ot.db                SQLite database (default database only)
-    <data_dir>/tmp/upload-<uuid>/      uploads being received / checked (removed afterwards)
+    <data_dir> tmp/upload-<uuid>/      uploads being received / checked (removed afterwards)
     <data_dir>/datasets/<id>/images/   extracted images of a dataset
     <data_dir>/jobs/<id>/images/       extracted images of a job created from an archive
     <data_dir>/jobs/<id>/truth.csv     its ground-truth labels (optional)
