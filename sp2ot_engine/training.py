@@ -67,6 +67,7 @@ class TrainConfig:
     formulation: str = "sp2ot"  # sp2ot | p2ot | pot | uot | ot
     solver_tol: float = 1e-6
     mm_max_iter: int = 100
+    mm_tol: float = 1e-6  # per-step pseudo-labels need no more; the solver's default is 1e-8
     seed: int = 0
 
 
@@ -121,7 +122,8 @@ class PseudoLabeller:
         if cfg.formulation == "sp2ot" and self.graph is not None:
             lam_s = semantic_strength(rho, cfg.lam_s0, n=cost.shape[0])
             q, info = solve_sp2ot(cost, subgraph(self.graph, index.numpy()), rho, lam_s=lam_s, eps=cfg.eps,
-                                  lam=cfg.lam, tol=cfg.solver_tol, mm_max_iter=cfg.mm_max_iter, init=init,
+                                  lam=cfg.lam, tol=cfg.solver_tol, mm_max_iter=cfg.mm_max_iter, mm_tol=cfg.mm_tol,
+                                  init=init,
                                   return_info=True)
         else:
             form = "p2ot" if cfg.formulation == "sp2ot" else cfg.formulation

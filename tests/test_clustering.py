@@ -106,3 +106,18 @@ def test_bad_image_inputs(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no readable image"):
         SP2OTClustering(3).fit(tmp_path)
+
+
+def test_full_mode_fine_tunes_the_last_block_on_images(tmp_path):
+    from PIL import Image
+
+    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 210)]
+    for i in range(18):
+        img = Image.new("RGB", (24, 24), colours[i % 3])
+        img.save(tmp_path / f"img_{i:02d}.png")
+    est = SP2OTClustering(3, mode="full", epochs=2, batch_size=6, input_size=64, formulation="p2ot", seed=0)
+    est.fit(tmp_path)
+    assert len(est.labels_) == 18 and est.filenames_[0] == "img_00.png"
+    assert est.encoder_state_ is not None  # the fine-tuned backbone is kept with the model
+    groups = [{int(est.labels_[i]) for i in range(g, 18, 3)} for g in range(3)]
+    assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3, groups
