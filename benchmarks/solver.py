@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,8 @@ def timed(fn, repeat: int):
 
 
 def peak_memory_mb(case: dict) -> float:
-    """Peak RSS growth (MB) of a subprocess that builds the inputs and runs one solve."""
+    """Peak RSS growth (MB) of one solve: a subprocess builds the inputs, resets its peak-RSS
+    mark (Linux ``clear_refs``) and reports how far the solve raised it."""
     code = f"""
 import json, resource, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
@@ -64,10 +64,14 @@ graph = None
 if {case['kind']!r} == 'sp2ot':
     from sp2ot_engine.graph import knn_graph
     graph = knn_graph(feats, k=20, device='cpu')
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1])
+before = status('VmRSS:')
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
 run_one({case['kind']!r}, {case['who']!r}, cost, graph, {case['rho']})
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps((after - before) / 1024))
+print(json.dumps((status('VmHWM:') - before) / 1024))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
