@@ -247,26 +247,16 @@ class _SemiDual:
         return qh, ent
 
 
-_SCALING_WARMUP = 0
-
-
 def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int):
     """Maximise the semi-dual by damped Newton.
 
-    Returns ``(v, Qh, n_iter, err, G)`` with the plan ``Qh`` at the final potentials ``v``.
+    Returns ``(v, Qh, n_iter, err, entropy)``: the plan ``Qh`` at the final potentials ``v``,
+    its marginal error and ``sum Qh (log Qh - 1)``.
     """
     m = prob.beta.shape[0]
     v = prob.beta.new_zeros(m) if v0 is None else v0.to(prob.beta).clone()
     sd = _SemiDual(prob, v)
     g_val, grad, col, s = sd.evaluate(v)
-    # Scaling (Sinkhorn) steps make fast progress far from the optimum, where Newton must
-    # be damped; Newton then converges quadratically. In potentials the column update is
-    # v_j <- f_j (v_j + eps log(beta_j / col_j)), f_j = lam/(lam+eps) on KL-tied columns.
-    power = torch.where(prob.soft, prob.lam / (prob.lam + prob.eps), 1.0)
-    for _ in range(_SCALING_WARMUP if v0 is None else 0):
-        v = power * (v + prob.eps * (prob.beta.log() - col.clamp_min(1e-300).log()))
-        g_val, grad, col, s = sd.evaluate(v)
-    b = sd.b
     err = float(grad.abs().sum())
     it = 0
     damping = 1.0
