@@ -113,6 +113,14 @@ class PseudoLabeller:
         self.graph = graph
         self.potentials: dict[str, torch.Tensor | None] = {}
         self.last_info: SolverInfo | None = None
+        self._sub_index: torch.Tensor | None = None
+        self._sub: sp.csr_matrix | None = None
+
+    def _subgraph(self, index: torch.Tensor) -> sp.csr_matrix:
+        # Both views of a step solve on the same bank rows: extract their sub-graph once.
+        if self._sub_index is None or not torch.equal(self._sub_index, index):
+            self._sub_index, self._sub = index.clone(), subgraph(self.graph, index.numpy())
+        return self._sub
 
     def __call__(self, logits: torch.Tensor, index: torch.Tensor, rho: float, key: str = "") -> torch.Tensor:
         """Plan ``Q`` (``M x K``) for bank logits ``M x K`` with dataset indices ``index``."""
@@ -121,7 +129,7 @@ class PseudoLabeller:
         init = self.potentials.get(key)
         if cfg.formulation == "sp2ot" and self.graph is not None:
             lam_s = semantic_strength(rho, cfg.lam_s0, n=cost.shape[0])
-            q, info = solve_sp2ot(cost, subgraph(self.graph, index.numpy()), rho, lam_s=lam_s, eps=cfg.eps,
+            q, info = solve_sp2ot(cost, self._subgraph(index), rho, lam_s=lam_s, eps=cfg.eps,
                                   lam=cfg.lam, tol=cfg.solver_tol, mm_max_iter=cfg.mm_max_iter, mm_tol=cfg.mm_tol,
                                   init=init,
                                   return_info=True)
