@@ -4,6 +4,7 @@
 
     sp2ot-engine cluster PATH -k K -o labels.csv [--backbone NAME] [--checkpoint FILE]
                  [--mode fast|full] [--epochs N] [--formulation sp2ot|p2ot|pot|uot|ot]
+                 [--init auto|random|kmeans]
                  [--batch-size N] [--input-size N] [--device auto|cpu|cuda] [--seed N]
                  [--workers N] [--save-model FILE] [--truth truth.csv] [--quiet]
     sp2ot-engine evaluate labels.csv truth.csv [--json]
@@ -34,6 +35,7 @@ from sp2ot_engine.errors import Cancelled
 
 FORMULATION_CHOICES = ("sp2ot", "p2ot", "pot", "uot", "ot")
 MODE_CHOICES = ("fast", "full")
+INIT_CHOICES = ("auto", "random", "kmeans")
 SKIPPED_SHOWN = 20  # skipped files listed by name in the summary
 MISMATCH_SHOWN = 5  # file names listed when two CSVs do not match
 
@@ -54,8 +56,20 @@ class UsageError(Exception):
     """Bad usage or input: printed as ``error: <message>``, exit code 2."""
 
 
+class _LinesFormatter(argparse.HelpFormatter):
+    """Wraps each line of a help text separately, so a ``\n`` starts a new line (one per choice)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        split = super()._split_lines
+        return [part for line in text.splitlines() for part in split(line, width)]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` instead of exiting, so ``main`` returns a code."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _LinesFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -132,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 30 fast, 50 full)")
     c.add_argument("--formulation", choices=FORMULATION_CHOICES, default="sp2ot",
                    help="transport formulation (default sp2ot)")
+    c.add_argument("--init", choices=INIT_CHOICES, default="auto",
+                   help="cluster-head prototypes at the start of training:\n"
+                        "auto: random with >= 200 training steps, kmeans below (default)\n"
+                        "random: random prototypes, as in the paper\n"
+                        "kmeans: spherical k-means centroids of the features")
     c.add_argument("--batch-size", type=_positive_int, default=512, help="training batch size (default 512)")
     c.add_argument("--input-size", type=_positive_int, default=None,
                    help="backbone input resolution (default: the backbone's own, 224)")
@@ -230,7 +249,7 @@ def _cluster(args) -> int:
 
     est = SP2OTClustering(
         args.k, backbone=args.backbone, checkpoint=args.checkpoint, mode=args.mode, epochs=args.epochs,
-        formulation=args.formulation, batch_size=args.batch_size, input_size=args.input_size,
+        formulation=args.formulation, init=args.init, batch_size=args.batch_size, input_size=args.input_size,
         device=args.device, num_workers=args.workers, seed=args.seed,
     )
     with _progress(enabled=not args.quiet) as progress:

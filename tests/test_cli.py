@@ -146,6 +146,42 @@ def test_cluster_feature_matrix(tmp_path, capsys):
     assert "60 rows" in captured.out
 
 
+@pytest.mark.parametrize("init", ["random", "kmeans", "auto"])
+def test_cluster_init_reaches_the_estimator(tmp_path, capsys, monkeypatch, init):
+    """--init is passed to SP2OTClustering (seen by fit and kept in the saved model's params)."""
+    from sp2ot_engine.clustering import SP2OTClustering
+
+    np.save(tmp_path / "f.npy", _blobs()[0])
+    seen = []
+    real_fit = SP2OTClustering.fit
+
+    def spy_fit(self, X, **kwargs):
+        seen.append(self.init)
+        return real_fit(self, X, **kwargs)
+
+    monkeypatch.setattr(SP2OTClustering, "fit", spy_fit)
+    model = tmp_path / "model.pt"
+    argv = ["cluster", str(tmp_path / "f.npy"), "-k", "3", "-o", str(tmp_path / "l.csv"), "--epochs", "1",
+            "--batch-size", "16", "--save-model", str(model), "--quiet"]
+    code = main(argv + (["--init", init] if init != "auto" else []))  # auto is the default
+    assert code == 0, capsys.readouterr().err
+    assert seen == [init]
+    assert SP2OTClustering.load(model).init == init
+
+
+def test_cluster_init_help_and_bad_value(capsys):
+    from sp2ot_engine.clustering import AUTO_INIT_STEPS
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["cluster", "--help"])
+    out = capsys.readouterr().out
+    for line in ("auto: random with >= {} training steps".format(AUTO_INIT_STEPS), "random: random prototypes",
+                 "kmeans: spherical k-means"):
+        assert line in " ".join(out.split()), line
+    err = _run_error(["cluster", "x", "-k", "3", "-o", "l.csv", "--init", "spectral"], capsys)
+    assert "argument --init: invalid choice: 'spectral'" in err
+
+
 def test_failed_run_keeps_the_previous_csv(tmp_path, capsys, monkeypatch):
     """The CSV is replaced atomically: a failure never leaves a partial or truncated file."""
     from sp2ot_engine.clustering import SP2OTClustering
