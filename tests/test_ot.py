@@ -198,6 +198,40 @@ def test_dtype_and_device_follow_the_input():
     assert q.dtype == torch.float32 and q.device == cost.device and q.shape == (100, 4)
 
 
+# ---------------------------------------------------------------------------- speed shortcuts
+
+
+@pytest.mark.parametrize("n,k,shortcut", [(3000, 20, "_coarse_start"), (1200, 300, "_sparse_gram")])
+def test_speed_shortcuts_change_only_the_path_not_the_plan(monkeypatch, n, k, shortcut):
+    """The coarse start (many rows per column), the sparse Gram product (many columns) and the
+    reuse of the Hessian factor must give the plan the plain damped Newton method gives."""
+    import sp2ot_engine.ot as ot
+
+    cost = random_cost(n, k, seed=3, scale=6.0)
+    taken = []
+    original = getattr(ot._SemiDual, shortcut, None) or getattr(ot, shortcut)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    if hasattr(ot._SemiDual, shortcut):
+        monkeypatch.setattr(ot._SemiDual, shortcut, spy)
+    else:
+        monkeypatch.setattr(ot, shortcut, spy)
+    fast, info_fast = solve_p2ot(cost, 0.5, return_info=True)
+    assert any(taken), f"{shortcut} was not used on this problem"
+    monkeypatch.setattr(ot, "COARSE_MIN_ROWS_PER_COLUMN", 10**9)
+    monkeypatch.setattr(ot, "SPARSE_GRAM_MIN_COLUMNS", 10**9)
+    monkeypatch.setattr(ot, "REUSE_BELOW", 0.0)
+    plain, info_plain = solve_p2ot(cost, 0.5, return_info=True)
+    assert info_fast.converged and info_plain.converged
+    assert float((fast - plain).abs().sum()) < 1e-5
+    reference, _ = reference_p2ot(cost, 0.5, tol=1e-10, max_iter=100000)
+    assert float((fast - reference).abs().sum()) < 1e-5
+
+
 # ---------------------------------------------------------------------------- stability
 
 
