@@ -16,6 +16,7 @@ import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from sp2ot_engine.errors import Cancelled
+from sp2ot_engine.graph import all_finite
 from sp2ot_engine.ot import FORMULATIONS, rho_schedule
 from sp2ot_engine.training import (
     CosineHead,
@@ -35,12 +36,21 @@ ProgressFn = Callable[[dict], None]
 
 
 def spherical_kmeans(features: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """``k`` unit-norm centroids of the L2-normalised features (faiss, 5 restarts)."""
+    """``k`` unit-norm centroids of the L2-normalised features (faiss, 5 restarts).
+
+    faiss trains on at most ``max_points_per_centroid * k`` rows, a random subset it draws with
+    ``rand_perm(seed)``. The same subset is drawn here first and only it is normalised, so the
+    result is faiss' on all rows without a normalised copy of all ``N`` rows.
+    """
     import faiss
 
-    x = torch.nn.functional.normalize(features.float(), dim=1).numpy()
-    km = faiss.Kmeans(x.shape[1], k, niter=25, nredo=5, seed=seed, spherical=True, verbose=False)
-    km.train(x)
+    km = faiss.Kmeans(features.shape[1], k, niter=25, nredo=5, seed=seed, spherical=True, verbose=False)
+    n, cap = features.shape[0], k * km.cp.max_points_per_centroid
+    if n > cap:
+        perm = np.empty(n, dtype=np.int32)
+        faiss.rand_perm(faiss.swig_ptr(perm), n, seed)
+        features = features[torch.from_numpy(perm[:cap]).long()]
+    km.train(torch.nn.functional.normalize(features.float(), dim=1).numpy())
     return torch.from_numpy(km.centroids.copy())
 
 
@@ -295,7 +305,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             raise ValueError(f"X must be an N x d feature matrix (2-D), got shape {tuple(x.shape)}")
         if x.shape[0] < 2 or x.shape[1] < 1:
             raise ValueError(f"X has shape {tuple(x.shape)}: need at least 2 samples and 1 feature")
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x.numpy()):
             raise ValueError("X contains NaN or infinite values")
         self.fitted_on_ = "features"
         return x.contiguous()

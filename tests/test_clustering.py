@@ -121,3 +121,18 @@ def test_full_mode_fine_tunes_the_last_block_on_images(tmp_path):
     assert est.encoder_state_ is not None  # the fine-tuned backbone is kept with the model
     groups = [{int(est.labels_[i]) for i in range(g, 18, 3)} for g in range(3)]
     assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3, groups
+
+
+@pytest.mark.parametrize("n, k, seed", [(3000, 10, 0), (3000, 10, 5), (1500, 10, 1)])
+def test_spherical_kmeans_samples_like_faiss(n, k, seed):
+    """Only faiss' own training subset is normalised (no normalised copy of all N rows), and the
+    centroids are exactly those of faiss on all the normalised rows."""
+    import faiss
+
+    from sp2ot_engine.clustering import spherical_kmeans
+
+    x, _ = long_tailed_blobs(sizes=(n // 2, n // 4, n // 4), dim=8, seed=seed)
+    full = torch.nn.functional.normalize(torch.from_numpy(x), dim=1).numpy()
+    km = faiss.Kmeans(8, k, niter=25, nredo=5, seed=seed, spherical=True, verbose=False)
+    km.train(full)
+    np.testing.assert_array_equal(spherical_kmeans(torch.from_numpy(x), k, seed).numpy(), km.centroids)

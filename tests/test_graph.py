@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sp2ot_engine.graph import knn_graph, subgraph, to_torch_sparse
+from sp2ot_engine.graph import all_finite, knn_graph, subgraph, to_torch_sparse
 
 
 def brute_force(x: np.ndarray, k: int, kernel: str, sigma: float = 2.0) -> np.ndarray:
@@ -330,3 +330,12 @@ def test_subgraph_fast_at_training_scale() -> None:
     for p in (0, 17, m - 1):
         ref = g.getrow(rows[p]).toarray().ravel()[rows]  # graph[rows[p], rows[q]] for all q
         np.testing.assert_array_equal(sub.getrow(p).toarray().ravel(), ref)
+
+
+@pytest.mark.parametrize("where", [None, (0, 0), (1234, 5), (2999, 7)])
+def test_all_finite_checks_every_chunk(where) -> None:
+    x = np.ones((3000, 8), dtype=np.float32)
+    if where is not None:
+        x[where] = np.nan
+    assert all_finite(x, chunk_bytes=64 * 8 * 4) is (where is None)  # 64-row chunks
+    assert all_finite(x) is (where is None)
