@@ -834,12 +834,15 @@ def train_transform(input_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN
         raise ValueError(f"crop={crop!r}: use 'resize_crop' or 'random_resized_crop'")
     if flip:
         ops.append(v2.RandomHorizontalFlip())
-    ops.append(v2.PILToTensor())  # jitter on uint8 tensors
+    # Colour ops on the PIL image: torchvision's tensor hue shift is ~5x slower than PIL's
+    # (3.2 vs 0.6 ms at 96 px; the whole view 4.7 vs ~1.9 ms), and full mode augments two views
+    # of every image every epoch.
     if color_jitter > 0 or hue > 0:
         jitter = v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=hue)
         ops.append(v2.RandomApply([jitter], p=jitter_p))
     if grayscale_p > 0:
         ops.append(v2.RandomGrayscale(p=grayscale_p))
+    ops.append(v2.PILToTensor())
     ops.append(ToNormalizedTensor(mean, std))
     t = v2.Compose(ops)
     t.decode_min_side = min_side

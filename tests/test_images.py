@@ -378,6 +378,15 @@ def test_transforms_and_two_views():
     assert not torch.equal(a, b)
     rrc = train_transform(48, crop="random_resized_crop")
     assert rrc(img).shape == (3, 48, 48)
+    from torchvision.transforms import v2
+
+    jittered = []  # colour jitter runs on the PIL image (the tensor hue shift is ~5x slower)
+    for op in tt.transforms:
+        if isinstance(op, v2.RandomApply):
+            real = op.transforms[0]
+            op.transforms[0] = lambda x, real=real: jittered.append(type(x)) or real(x)
+            op.p = 1.0
+    assert tt(img).shape == (3, 64, 64) and jittered == [Image.Image]
     with pytest.raises(ValueError):
         eval_transform(64, resize=32)
     with pytest.raises(ValueError):
