@@ -232,6 +232,28 @@ def test_speed_shortcuts_change_only_the_path_not_the_plan(monkeypatch, n, k, sh
     assert float((fast - reference).abs().sum()) < 1e-5
 
 
+def test_sparse_gram_falls_back_to_dense_when_the_plan_is_spread(monkeypatch):
+    """Near-uniform predictions (as at the start of training) give a dense plan: the sparse
+    Gram product must hand over to the dense one and the solve still converge."""
+    import sp2ot_engine.ot as ot
+
+    results = []
+    original = ot._SemiDual._sparse_gram
+
+    def spy(self, s):
+        out = original(self, s)
+        results.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ot._SemiDual, "_sparse_gram", spy)
+    cost = random_cost(1200, 300, seed=4, scale=0.05)
+    q, info = solve_p2ot(cost, 0.5, return_info=True)
+    assert results and not results[-1], "the sparse Gram product was kept on a dense plan"
+    assert info.converged and float(q.sum()) == pytest.approx(0.5, abs=1e-6)
+    reference, _ = reference_p2ot(cost, 0.5, tol=1e-10, max_iter=100000)
+    assert float((q - reference).abs().sum()) < 1e-5
+
+
 # ---------------------------------------------------------------------------- stability
 
 
