@@ -5,9 +5,19 @@ backbone features, plus k-means and spectral clustering as classical references.
     python benchmarks/quality.py --seeds 0 --rows kmeans,sp2ot     # a quick look
     python benchmarks/quality.py --input-sizes 96,128,224 --rows kmeans,sp2ot --seeds 0   # resolution study
     python benchmarks/quality.py --backgrounds white,black --rows kmeans --seeds 0         # transparency study
+    python benchmarks/quality.py --modes fast,full --rows kmeans,sp2ot --seeds 0 --input-sizes 96 --full-epochs 2
 
 Needs Debian's `dataset-fashion-mnist` (`bash scripts/install_fashion_mnist.sh`). Backbone
 features are computed once per (input size, background) and cached in `benchmarks/.cache/`.
+
+Modes (`--modes`): `fast` trains the head on those cached features (every row). `full` is the
+paper's training, the backbone's last block fine-tuned on two augmented views of the images: the
+images are written as PNG files to a temporary folder (not timed) and the estimator is given the
+folder, so its fit time includes its own feature extraction (initial features for the graph, and
+the fine-tuned features the labels come from) and assigning the test folder. Only the OT rows
+have a full mode; k-means and spectral run on the features whatever the modes. `--full-epochs`
+sets the full-mode epochs (default `--epochs`): full mode costs a backbone forward per view per
+step, far more than fast mode on a CPU.
 Train = the imbalanced training set (transductive), test = the balanced official test set
 (inductive: the fitted model assigns the unseen images). Prints one row per method with the
 mean over seeds of ACC / NMI / F1 / Head / Medium / Tail (percent) and the wall time of the fit;
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,8 +56,14 @@ def as_rgba_cutouts(images: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
 
 
-def fit_predict(row: str, x_train: np.ndarray, x_test: np.ndarray, k: int, seed: int, epochs: int, mode: str):
-    """Train labels, test labels and fit seconds for one method."""
+def fit_predict(row: str, x_train: np.ndarray, x_test: np.ndarray, k: int, seed: int, epochs: int, mode: str,
+                init: str = "auto", **image_options):
+    """Train labels, test labels and fit seconds for one method.
+
+    Fast mode (and k-means, spectral) take feature matrices. Full mode takes image folders
+    (``x_train``, ``x_test`` are their paths, files ``<index>.png``) and ``image_options``
+    for the estimator (``input_size``, ``background``, ``num_workers``).
+    """
     import faiss
 
     t = time.perf_counter()
@@ -66,16 +83,40 @@ def fit_predict(row: str, x_train: np.ndarray, x_test: np.ndarray, k: int, seed:
         return train, test, time.perf_counter() - t
     from sp2ot_engine import SP2OTClustering
 
-    est = SP2OTClustering(k, formulation=row, epochs=epochs, mode=mode, seed=seed, device="cpu")
-    train = est.fit(x_train).labels_
-    return train, est.predict(x_test), time.perf_counter() - t
+    est = SP2OTClustering(k, formulation=row, epochs=epochs, mode=mode, init=init, seed=seed, device="cpu",
+                          **image_options)
+    if mode == "fast":
+        train = est.fit(x_train).labels_
+        return train, est.predict(x_test), time.perf_counter() - t
+    est.fit(x_train)
+    test = est.predict(x_test)
+    return (in_index_order(est.filenames_, est.labels_), in_index_order(est.predict_filenames_, test),
+            time.perf_counter() - t)
+
+
+def in_index_order(names, labels) -> np.ndarray:
+    """Labels of the files ``<index>.png`` rearranged by index."""
+    out = np.empty(len(names), dtype=np.int64)
+    out[[int(Path(n).stem) for n in names]] = labels
+    return out
+
+
+def write_pngs(ds, images: np.ndarray, folder: Path) -> Path:
+    """``images`` (with ``ds``'s labels) as PNG files ``<index>.png``, whose sorted names are index order."""
+    from sp2ot_engine.datasets import LabelledImages, write_image_folder
+
+    return write_image_folder(LabelledImages(images, ds.labels, ds.class_names), folder)[0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--modes", default="fast", help="comma list of fast, full (default fast)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--full-epochs", type=int, default=None, help="full-mode epochs (default --epochs)")
+    ap.add_argument("--init", default="auto", choices=("auto", "random", "kmeans"), help="cluster-head init")
+    ap.add_argument("--workers", type=int, default=0, help="full mode: image-decoding worker processes")
     ap.add_argument("--input-sizes", default="224")
     ap.add_argument("--backgrounds", default="", help="comma list: run the transparency study instead")
     ap.add_argument("--threads", type=int, default=2)
@@ -93,35 +134,57 @@ def main() -> None:
     unknown = set(rows) - set(ROWS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"fast", "full"}:
+        ap.error(f"--modes: a comma list of fast, full; got {args.modes!r}")
+    full_epochs = args.full_epochs or args.epochs
+    runs = [(row, mode) for mode in modes for row in rows if mode == "fast" or row not in ("kmeans", "spectral")]
+    if "fast" not in modes:  # k-means / spectral have no modes: run them on the features anyway
+        runs = [(row, "fast") for row in rows if row in ("kmeans", "spectral")] + runs
     settings = [(int(s), "white", False) for s in args.input_sizes.split(",")]
     if args.backgrounds:
         settings = [(int(args.input_sizes.split(",")[0]), bg, True) for bg in args.backgrounds.split(",")]
 
     lines = [f"Fashion-MNIST-LT: train {len(train)} images (imbalance {train.imbalance_ratio():.0f}), "
-             f"test {len(test)} (balanced); fast mode, {args.epochs} epochs; seeds {args.seeds}",
-             "", "| input | background | method | split | ACC | NMI | F1 | Head | Medium | Tail | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"test {len(test)} (balanced); modes {','.join(modes)}; epochs fast {args.epochs}"
+             + (f", full {full_epochs}" if "full" in modes else "") + f"; init {args.init}; seeds {args.seeds}",
+             "", "| input | background | method | mode | epochs | split | ACC | NMI | F1 | Head | Medium | Tail | fit s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for size, bg, rgba in settings:
         tr_img, te_img = (as_rgba_cutouts(train.images), as_rgba_cutouts(test.images)) if rgba else \
             (train.images, test.images)
         tag = "rgba" if rgba else "gray"
-        x_tr = cached_features(f"fmnist-lt-train{'-rgba' if rgba else ''}", tr_img, input_size=size, background=bg)
-        x_te = cached_features(f"fmnist-test{'-rgba' if rgba else ''}", te_img, input_size=size, background=bg)
-        for row in rows:
+        x_tr = x_te = folders = None
+        if any(mode == "fast" for _, mode in runs):
+            x_tr = cached_features(f"fmnist-lt-train{'-rgba' if rgba else ''}", tr_img, input_size=size,
+                                   background=bg)
+            x_te = cached_features(f"fmnist-test{'-rgba' if rgba else ''}", te_img, input_size=size, background=bg)
+        for row, mode in runs:
+            epochs = full_epochs if mode == "full" else args.epochs
+            if mode == "full" and folders is None:
+                tmp = tempfile.TemporaryDirectory(prefix="sp2ot-quality-")
+                folders = (tmp, write_pngs(train, tr_img, Path(tmp.name) / "train"),
+                           write_pngs(test, te_img, Path(tmp.name) / "test"))
+            inputs = (x_tr, x_te) if mode == "fast" else folders[1:]
+            options = {} if mode == "fast" else {"input_size": size, "background": bg, "num_workers": args.workers}
             res = {"train": [], "test": []}
             secs = []
             for seed in args.seeds:
-                lab_tr, lab_te, s = fit_predict(row, x_tr, x_te, 10, seed, args.epochs, "fast")
+                lab_tr, lab_te, s = fit_predict(row, *inputs, 10, seed, epochs, mode, args.init, **options)
                 res["train"].append(evaluate(train.labels, lab_tr))
                 res["test"].append(evaluate(test.labels, lab_te))
                 secs.append(s)
+            shown = "-" if row in ("kmeans", "spectral") else mode
             for split in ("train", "test"):
                 mean = {m: 100 * np.mean([r[m] for r in res[split]]) for m in METRICS}
-                line = (f"| {size} | {bg if rgba else '-'} ({tag}) | {row} | {split} | "
+                line = (f"| {size} | {bg if rgba else '-'} ({tag}) | {row} | {shown} | "
+                        f"{'-' if shown == '-' else epochs} | {split} | "
                         + " | ".join(f"{mean[m]:.1f}" for m in METRICS) + f" | {np.mean(secs):.0f} |")
                 lines.append(line)
                 print(line, flush=True)
+        if folders is not None:
+            folders[0].cleanup()
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text("\n".join(lines) + "\n")
