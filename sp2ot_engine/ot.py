@@ -347,7 +347,7 @@ def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int, 
     g_val, grad, col, s = sd.evaluate(v)
     err = float(grad.abs().sum())
     it = 0
-    damping = 1.0 if coarse is None else 0.01  # a coarse start is close: little damping needed
+    damping = 1.0 if v0 is None else 0.01  # a warm or coarse start is close: little damping needed
     chol = None
     reuse = False
     while err >= tol and it < max_iter:
