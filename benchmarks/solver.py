@@ -54,7 +54,7 @@ def peak_memory_mb(case: dict) -> float:
     """Peak RSS growth (MB) of one solve: a subprocess builds the inputs, resets its peak-RSS
     mark (Linux ``clear_refs``) and reports how far the solve raised it."""
     code = f"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import torch
 torch.set_num_threads({case['threads']})

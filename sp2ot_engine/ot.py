@@ -339,9 +339,8 @@ def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int, 
     its marginal error and ``sum Qh (log Qh - 1)`` (``None`` unless ``entropy``).
     """
     m = prob.beta.shape[0]
-    coarse = None if v0 is not None else _coarse_start(prob)
-    if coarse is not None:
-        v0 = coarse
+    if v0 is None:
+        v0 = _coarse_start(prob)
     v = prob.beta.new_zeros(m) if v0 is None else v0.to(prob.beta).clone()
     sd = _SemiDual(prob, v)
     g_val, grad, col, s = sd.evaluate(v)
@@ -356,7 +355,6 @@ def _newton(prob: _Problem, v0: torch.Tensor | None, tol: float, max_iter: int, 
             # Near the optimum the Hessian hardly moves: the last factor still gives a fast
             # (linearly convergent) step for the price of one evaluation instead of a Gram.
             step = torch.cholesky_solve(grad.unsqueeze(1), chol).squeeze(1)
-            slope = float(grad @ step)
             v_new = v + step
             g_new, grad_new, col_new, s_new = sd.evaluate(v_new)
             err_new = float(grad_new.abs().sum())
