@@ -201,30 +201,30 @@ def test_dtype_and_device_follow_the_input():
 # ---------------------------------------------------------------------------- speed shortcuts
 
 
-@pytest.mark.parametrize("n,k,shortcut", [(3000, 20, "_coarse_start"), (1200, 300, "_sparse_gram")])
+@pytest.mark.parametrize("n,k,shortcut", [(3000, 20, "coarse_start"), (1200, 300, "_sparse_gram")])
 def test_speed_shortcuts_change_only_the_path_not_the_plan(monkeypatch, n, k, shortcut):
     """The coarse start (many rows per column), the sparse Gram product (many columns) and the
     reuse of the Hessian factor must give the plan the plain damped Newton method gives."""
-    import sp2ot_engine.ot as ot
+    from sp2ot_engine.ot import _newton, _semidual
 
     cost = random_cost(n, k, seed=3, scale=6.0)
     taken = []
-    original = getattr(ot._SemiDual, shortcut, None) or getattr(ot, shortcut)
+    original = getattr(_semidual.SemiDual, shortcut, None) or getattr(_newton, shortcut)
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         taken.append(out is not None)
         return out
 
-    if hasattr(ot._SemiDual, shortcut):
-        monkeypatch.setattr(ot._SemiDual, shortcut, spy)
+    if hasattr(_semidual.SemiDual, shortcut):
+        monkeypatch.setattr(_semidual.SemiDual, shortcut, spy)
     else:
-        monkeypatch.setattr(ot, shortcut, spy)
+        monkeypatch.setattr(_newton, shortcut, spy)
     fast, info_fast = solve_p2ot(cost, 0.5, return_info=True)
     assert any(taken), f"{shortcut} was not used on this problem"
-    monkeypatch.setattr(ot, "COARSE_MIN_ROWS_PER_COLUMN", 10**9)
-    monkeypatch.setattr(ot, "SPARSE_GRAM_MIN_COLUMNS", 10**9)
-    monkeypatch.setattr(ot, "REUSE_BELOW", 0.0)
+    monkeypatch.setattr(_newton, "COARSE_MIN_ROWS_PER_COLUMN", 10**9)
+    monkeypatch.setattr(_semidual, "SPARSE_GRAM_MIN_COLUMNS", 10**9)
+    monkeypatch.setattr(_newton, "REUSE_BELOW", 0.0)
     plain, info_plain = solve_p2ot(cost, 0.5, return_info=True)
     assert info_fast.converged and info_plain.converged
     assert float((fast - plain).abs().sum()) < 1e-5
@@ -235,17 +235,17 @@ def test_speed_shortcuts_change_only_the_path_not_the_plan(monkeypatch, n, k, sh
 def test_sparse_gram_falls_back_to_dense_when_the_plan_is_spread(monkeypatch):
     """Near-uniform predictions (as at the start of training) give a dense plan: the sparse
     Gram product must hand over to the dense one and the solve still converge."""
-    import sp2ot_engine.ot as ot
+    from sp2ot_engine.ot._semidual import SemiDual
 
     results = []
-    original = ot._SemiDual._sparse_gram
+    original = SemiDual._sparse_gram
 
     def spy(self, s):
         out = original(self, s)
         results.append(out is not None)
         return out
 
-    monkeypatch.setattr(ot._SemiDual, "_sparse_gram", spy)
+    monkeypatch.setattr(SemiDual, "_sparse_gram", spy)
     cost = random_cost(1200, 300, seed=4, scale=0.05)
     q, info = solve_p2ot(cost, 0.5, return_info=True)
     assert results and not results[-1], "the sparse Gram product was kept on a dense plan"
