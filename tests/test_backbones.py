@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from sp2ot_engine import backbones as bb
-from sp2ot_engine.backbones import create_backbone, extract_features, resolve_device
+from sp2ot_engine.backbones import _factory, create_backbone, extract_features, resolve_device
+from sp2ot_engine.backbones._checkpoints import load_by_order
 from sp2ot_engine.images import ImageDataset, eval_transform, make_loader, scan_images
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -115,10 +116,10 @@ def test_effnet_order_pairing_checks_shapes(package_state_dict):
     items[0], items[1] = items[1], items[0]  # conv weight <-> bn weight: the order is broken
     swapped = dict(items)
     with pytest.raises(ValueError, match="cannot be paired"):
-        bb._load_by_order(model, swapped, "test.pth")
+        load_by_order(model, swapped, "test.pth")
     short = dict(list(package_state_dict.items())[:100])
     with pytest.raises(ValueError, match="tensors, the model needs"):
-        bb._load_by_order(model, short, "test.pth")
+        load_by_order(model, short, "test.pth")
 
 
 def test_effnet_checkpoint_roundtrip(tmp_path, effnet):
@@ -242,9 +243,20 @@ def test_dino_without_network_explains_what_to_do(monkeypatch):
     def offline(url, timeout=60.0):
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(bb, "_hub_checkpoint", offline)
+    monkeypatch.setattr(_factory, "hub_checkpoint", offline)
     with pytest.raises(ValueError, match=r"checkpoint=PATH.*pretrained=False"):
         create_backbone("dino_vitb16")
+
+
+# ---------------------------------------------------------------------------------------- registry
+def test_registry_lists_the_vocabulary_names_and_refuses_others():
+    from sp2ot_engine.options import BACKBONES
+
+    assert bb.list_backbones() == list(BACKBONES) and bb.SUPPORTED_BACKBONES == BACKBONES
+    with pytest.raises(ValueError, match="not in sp2ot_engine.options.Backbone"):
+        bb.register_backbone("my_net")(lambda **kwargs: None)
+    with pytest.raises(ValueError, match="registered twice"):
+        bb.register_backbone("dino_vits16")(lambda **kwargs: None)
 
 
 # ---------------------------------------------------------------------------- other names, errors
