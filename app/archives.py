@@ -15,7 +15,7 @@ Policy (every rejection is a 422 whose message says what to fix, except 413/507)
   they are skipped and reported in ``skipped`` with the reason;
 * duplicate names keep the first copy (reported); a member that cannot be written (a name
   too long, a file/folder name clash, a corrupt compressed member) is skipped and reported;
-* then :func:`sp2ot_engine.images.scan_images` verifies every file decodes; non-images,
+* then :func:`sp2ot_engine.io.collection.scan_images` verifies every file decodes; non-images,
   hidden files, ``__MACOSX`` metadata and corrupt images are skipped and reported; no
   image at all rejects the upload.
 
@@ -378,7 +378,7 @@ def extract_archive(src: Path, dest: Path, limits: Limits) -> Extracted:
 
 def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Image names (relative POSIX paths, sorted) and skipped files of a folder."""
-    from sp2ot_engine.images import scan_images
+    from sp2ot_engine.io.collection import scan_images
 
     collection = scan_images(root, threads=2)
     try:

@@ -134,9 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _warm_up() -> None:
     try:
-        import sp2ot_engine.images  # noqa: F401
+        import sp2ot_engine.io.collection  # noqa: F401
     except Exception:  # pragma: no cover - reported on first use
-        log.warning("cannot import sp2ot_engine.images", exc_info=True)
+        log.warning("cannot import sp2ot_engine.io.collection", exc_info=True)
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ class ArrayImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        from sp2ot_engine.images import to_rgb
+        from sp2ot_engine.io.decode import to_rgb
 
         arr = self.images[i]
         img = Image.fromarray(arr if arr.ndim == 2 or arr.shape[-1] != 1 else arr[..., 0])
@@ -35,7 +35,7 @@ def cached_features(name: str, images: np.ndarray, backbone: str = "efficientnet
                     background: str = "white", batch_size: int = 64, num_workers: int = 2) -> np.ndarray:
     """Backbone features of ``images`` (N x d float32), computed once and cached on disk."""
     from sp2ot_engine.backbones import create_backbone, extract_features
-    from sp2ot_engine.images import eval_transform
+    from sp2ot_engine.transforms import eval_transform
 
     digest = hashlib.sha1(images.tobytes()).hexdigest()[:10]
     path = CACHE / f"{name}-{backbone}-{input_size}-{background}-{digest}.npy"

@@ -39,7 +39,9 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sp2ot_engine.backbones import create_backbone, extract_features  # noqa: E402
-from sp2ot_engine.images import ImageDataset, eval_transform, scan_images  # noqa: E402
+from sp2ot_engine.io.collection import scan_images  # noqa: E402
+from sp2ot_engine.io.loader import ImageDataset  # noqa: E402
+from sp2ot_engine.transforms import eval_transform  # noqa: E402
 
 
 def make_images(root: Path, n: int, seed: int = 0) -> None:
@@ -85,7 +87,7 @@ def extract(backbone, collection, batch_size: int, size: int, num_workers: int) 
 
 def load_only(collection, batch_size: int, size: int, mean, std) -> tuple[float, float]:
     """(images/s, CPU ms per image) of the data path alone: decode, transform, collate (in-process)."""
-    from sp2ot_engine.images import make_loader, single_threaded
+    from sp2ot_engine.io.loader import make_loader, single_threaded
 
     ds = ImageDataset(collection, eval_transform(size, mean, std))
     loader = make_loader(ds, batch_size=batch_size)

@@ -311,7 +311,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         return x.contiguous()
 
     def _scan(self, path, report: "_Reporter"):
-        from sp2ot_engine.images import scan_images
+        from sp2ot_engine.io.collection import scan_images
 
         report({"stage": "loading", "percent": 0.0})
         collection = scan_images(path, background=self.background,
@@ -333,7 +333,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
 
     def _extract(self, backbone, collection, device, report: "_Reporter", should_stop, stage: str = "features"):
         from sp2ot_engine.backbones import extract_features
-        from sp2ot_engine.images import ImageDataset, eval_transform
+        from sp2ot_engine.io.loader import ImageDataset
+        from sp2ot_engine.transforms import eval_transform
 
         dataset = ImageDataset(collection, eval_transform(backbone.input_size, backbone.mean, backbone.std))
 
@@ -347,7 +348,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                                 progress=on_batch)
 
     def _image_batches(self, collection, backbone, cfg: TrainConfig, device):
-        from sp2ot_engine.images import ImageDataset, TwoViews, make_loader, train_transform
+        from sp2ot_engine.io.loader import ImageDataset, make_loader
+        from sp2ot_engine.transforms import TwoViews, train_transform
 
         aug = train_transform(backbone.input_size, backbone.mean, backbone.std)
         dataset = _TwoViewDataset(ImageDataset(collection, TwoViews(aug)))

@@ -129,7 +129,7 @@ class FakeClustering:
         from PIL import Image
 
         from sp2ot_engine import Cancelled
-        from sp2ot_engine.images import scan_images
+        from sp2ot_engine.io.collection import scan_images
 
         coll = scan_images(path)
         if len(coll) < self.n_clusters:

@@ -15,7 +15,9 @@ from PIL import Image
 from sp2ot_engine import backbones as bb
 from sp2ot_engine.backbones import _factory, create_backbone, extract_features, resolve_device
 from sp2ot_engine.backbones._checkpoints import load_by_order
-from sp2ot_engine.images import ImageDataset, eval_transform, make_loader, scan_images
+from sp2ot_engine.io.collection import scan_images
+from sp2ot_engine.io.loader import ImageDataset, make_loader
+from sp2ot_engine.transforms import eval_transform
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sp2ot_engine.backbones._device import resolve_device
-from sp2ot_engine.images import collate_single_threaded, single_threaded
+from sp2ot_engine.io.loader import collate_single_threaded, single_threaded
 
 _END = object()
 
@@ -63,7 +63,7 @@ def extract_features(
         with torch.inference_mode():
             batches = iter(loader)
             while True:
-                with single_threaded():  # in-process loading/collation: see images.single_threaded
+                with single_threaded():  # in-process loading/collation: see io.loader.single_threaded
                     batch = next(batches, _END)
                 if batch is _END:
                     break

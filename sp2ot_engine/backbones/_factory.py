@@ -19,9 +19,7 @@ from sp2ot_engine.backbones._checkpoints import (
 from sp2ot_engine.backbones._device import resolve_device, tune_cpu_allocator
 from sp2ot_engine.backbones._model import Backbone, create_timm_model, tail_module_names
 from sp2ot_engine.backbones._registry import BuiltModel, backbone_factory, list_backbones, register_backbone
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from sp2ot_engine.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _DINO_URLS = {
     "dino_vitb16": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
