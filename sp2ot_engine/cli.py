@@ -20,7 +20,6 @@ one for unexpected failures).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -29,15 +28,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 from sp2ot_engine.errors import Cancelled
+from sp2ot_engine.io.labels_csv import name_list, read_labels, read_truth, write_labels
+from sp2ot_engine.options import BACKBONES, FORMULATIONS, INITS, MODES, Backbone, Formulation, Init, Mode, Stage
 
-FORMULATION_CHOICES = ("sp2ot", "p2ot", "pot", "uot", "ot")
-MODE_CHOICES = ("fast", "full")
-INIT_CHOICES = ("auto", "random", "kmeans")
 SKIPPED_SHOWN = 20  # skipped files listed by name in the summary
-MISMATCH_SHOWN = 5  # file names listed when two CSVs do not match
 
 # Metric keys of ``sp2ot_engine.metrics.evaluate`` in display order, with their labels.
 METRIC_LABELS = (
@@ -136,16 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of clusters (2 <= K <= number of images)")
     c.add_argument("-o", "--output", required=True, metavar="labels.csv",
                    help="output CSV (filename,cluster,confidence); written atomically")
-    c.add_argument("--backbone", default="efficientnet_lite0",
-                   help="feature backbone: efficientnet_lite0 (default), dino_vitb16, dino_vits16, or a timm "
-                        "name together with --checkpoint")
+    c.add_argument("--backbone", default=Backbone.EFFICIENTNET_LITE0.value,
+                   help=f"feature backbone: {', '.join(BACKBONES)} (default {Backbone.EFFICIENTNET_LITE0}), "
+                        "or a timm name together with --checkpoint")
     c.add_argument("--checkpoint", default=None, metavar="FILE", help="local weight file for the backbone")
-    c.add_argument("--mode", choices=MODE_CHOICES, default="fast",
+    c.add_argument("--mode", choices=MODES, default=Mode.FAST.value,
                    help="fast: frozen backbone, only the head trains (default); full: fine-tune the last block")
     c.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 30 fast, 50 full)")
-    c.add_argument("--formulation", choices=FORMULATION_CHOICES, default="sp2ot",
+    c.add_argument("--formulation", choices=FORMULATIONS, default=Formulation.SP2OT.value,
                    help="transport formulation (default sp2ot)")
-    c.add_argument("--init", choices=INIT_CHOICES, default="auto",
+    c.add_argument("--init", choices=INITS, default=Init.AUTO.value,
                    help="cluster-head prototypes at the start of training:\n"
                         "auto: random with >= 200 training steps, kmeans below (default)\n"
                         "random: random prototypes, as in the paper\n"
@@ -238,7 +235,7 @@ def _cluster(args) -> int:
         _check_writable(Path(args.save_model), "--save-model")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint file not found: {args.checkpoint}")
-    truth = _read_truth(Path(args.truth)) if args.truth else None
+    truth = read_truth(args.truth) if args.truth else None
     if not os.path.exists(args.path):
         raise UsageError(f"{args.path} does not exist")
 
@@ -254,9 +251,7 @@ def _cluster(args) -> int:
     with _progress(enabled=not args.quiet) as progress:
         est.fit(X, progress=progress)
 
-    rows = [(name, int(label), f"{float(conf):.4f}")
-            for name, label, conf in zip(est.filenames_, est.labels_, est.confidences_)]
-    _write_csv_atomic(out, ("filename", "cluster", "confidence"), rows)
+    _write_labels_atomic(out, zip(est.filenames_, est.labels_, est.confidences_))
     if args.save_model:
         _save_model_atomic(est, Path(args.save_model))
 
@@ -319,12 +314,10 @@ def _atomic_path(path: Path) -> Iterator[str]:
         raise
 
 
-def _write_csv_atomic(path: Path, header: Sequence[str], rows) -> None:
+def _write_labels_atomic(path: Path, rows) -> None:
     with _atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
+            write_labels(f, rows)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -373,8 +366,7 @@ def _print_summary(est, out: Path, args, seconds: float) -> None:
 class _Progress:
     """One tqdm bar per stage on stderr: loading, features, graph, training (epoch, loss, rho)."""
 
-    LABELS = {"loading": "loading", "features": "features", "graph": "graph", "training": "training",
-              "predicting": "predicting"}
+    LABELS = {stage: stage.value for stage in Stage if stage is not Stage.DONE}  # bar titles
 
     def __init__(self) -> None:
         self.stage: str | None = None
@@ -385,13 +377,13 @@ class _Progress:
         if stage != self.stage:
             self.finish(complete=True)
             self.stage = stage
-            if stage == "done" or stage is None:
+            if stage == Stage.DONE or stage is None:
                 return
             self.bar = self._open(stage, info)
         bar = self.bar
         if bar is None:
             return
-        if stage == "training":
+        if stage == Stage.TRAINING:
             if info.get("total_steps") and bar.total != info["total_steps"]:
                 bar.total = info["total_steps"]
             postfix = {}
@@ -417,7 +409,7 @@ class _Progress:
         from tqdm import tqdm
 
         label = self.LABELS.get(stage, stage)
-        if stage == "training":
+        if stage == Stage.TRAINING:
             return tqdm(total=info.get("total_steps") or None, desc=label, unit="step", file=sys.stderr,
                         dynamic_ncols=True, leave=True)
         return tqdm(total=100.0, desc=label, file=sys.stderr, dynamic_ncols=True, leave=True,
@@ -449,8 +441,8 @@ def _progress(enabled: bool) -> Iterator[Callable[[dict], None] | None]:
 
 
 def _evaluate(args) -> int:
-    predicted = _read_labels(Path(args.labels))
-    truth = _read_truth(Path(args.truth))
+    predicted = read_labels(args.labels)
+    truth = read_truth(args.truth)
     metrics, n_classes, n_clusters = _score(predicted, truth, args.labels, args.truth)
     if args.json:
         doc = {"n_samples": len(predicted), "n_classes": n_classes, "n_clusters": n_clusters}
@@ -470,67 +462,6 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{label:<{width}}  {text}")
 
 
-def _read_table(path: Path, columns: Sequence[str], kind: str) -> dict[str, str]:
-    """``{filename: value of columns[1]}`` from a CSV with a header naming ``columns``."""
-    if not path.exists():
-        raise UsageError(f"{kind} file {path} does not exist")
-    if not path.is_file():
-        raise UsageError(f"{kind} file {path} is not a file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError:
-        raise UsageError(f"{kind} file {path} is not a UTF-8 text CSV") from None
-    except csv.Error as e:
-        raise UsageError(f"{kind} file {path} is not a valid CSV: {e}") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {kind} file {path}: {e.strerror or e}") from None
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise UsageError(f"{kind} file {path} is empty (expected a header {','.join(columns)})")
-    header = [h.strip().lower() for h in rows[0]]
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise UsageError(f"{kind} file {path} has no column {', '.join(repr(m) for m in missing)} "
-                         f"(header: {','.join(rows[0])}; expected {','.join(columns)})")
-    i_name, i_value = header.index(columns[0]), header.index(columns[1])
-    data = rows[1:]
-    if not data:
-        raise UsageError(f"{kind} file {path} has a header but no rows")
-    table: dict[str, str] = {}
-    duplicates: list[str] = []
-    for line, r in enumerate(data, start=2):
-        if len(r) <= max(i_name, i_value):
-            raise UsageError(f"{kind} file {path}, line {line}: expected {len(header)} fields, got {len(r)}")
-        name, value = r[i_name].strip(), r[i_value].strip()
-        if not name:
-            raise UsageError(f"{kind} file {path}, line {line}: empty {columns[0]}")
-        if not value:
-            raise UsageError(f"{kind} file {path}, line {line}: empty {columns[1]} for {name}")
-        if name in table:
-            duplicates.append(name)
-            continue
-        table[name] = value
-    if duplicates:
-        raise UsageError(f"{kind} file {path}: {len(duplicates)} duplicated filename(s): "
-                         f"{_few(duplicates)}")
-    return table
-
-
-def _read_labels(path: Path) -> dict[str, str]:
-    return _read_table(path, ("filename", "cluster"), "labels")
-
-
-def _read_truth(path: Path) -> dict[str, str]:
-    return _read_table(path, ("filename", "label"), "truth")
-
-
-def _few(names: Sequence[str], n: int = MISMATCH_SHOWN) -> str:
-    names = sorted(names)
-    text = ", ".join(names[:n])
-    return text + (f", ... ({len(names) - n} more)" if len(names) > n else "")
-
-
 def _as_labels(values: list[str]):
     """Integers when every value is one (so 2 < 10 as numbers), else the strings."""
     try:
@@ -545,9 +476,9 @@ def _score(predicted: dict[str, str], truth: dict[str, str], pred_name: str, tru
     if only_pred or only_truth:
         parts = []
         if only_pred:
-            parts.append(f"{len(only_pred)} file(s) in {pred_name} are not in {truth_name}: {_few(only_pred)}")
+            parts.append(f"{len(only_pred)} file(s) in {pred_name} are not in {truth_name}: {name_list(only_pred)}")
         if only_truth:
-            parts.append(f"{len(only_truth)} file(s) in {truth_name} are not in {pred_name}: {_few(only_truth)}")
+            parts.append(f"{len(only_truth)} file(s) in {truth_name} are not in {pred_name}: {name_list(only_truth)}")
         raise UsageError("the files do not match: " + "; ".join(parts))
     from sp2ot_engine.metrics import evaluate
 

@@ -212,7 +212,9 @@ def test_failed_run_keeps_the_previous_csv(tmp_path, capsys, monkeypatch):
                     raise OSError("disk full")
                 self.w.writerow(r)
 
-    monkeypatch.setattr(cli.csv, "writer", FailingWriter)
+    from sp2ot_engine.io import labels_csv
+
+    monkeypatch.setattr(labels_csv.csv, "writer", FailingWriter)
     code = main(["cluster", str(tmp_path / "f.npy"), "-k", "2", "-o", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1

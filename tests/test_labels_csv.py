@@ -1,0 +1,53 @@
+"""sp2ot_engine.io.labels_csv: the labels and truth CSV formats (the CLI's error messages are
+checked end to end in test_cli.py)."""
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from sp2ot_engine.io.labels_csv import CsvFormatError, format_labels, read_labels, read_truth, write_labels
+
+
+def test_labels_round_trip_with_awkward_names(tmp_path):
+    rows = [("a.png", 0, 0.91234), ("dir/b, with comma.png", 3, 1.0), ('quote".jpg', 12, 0.00004), ("日本.png", 1, 0.5)]
+    path = tmp_path / "labels.csv"
+    write_labels(path, rows)
+    text = path.read_bytes().decode("utf-8")
+    assert text.startswith("filename,cluster,confidence\r\na.png,0,0.9123\r\n")
+    assert read_labels(path) == {name: str(cluster) for name, cluster, _ in rows}
+
+
+def test_streamed_chunks_equal_one_file(tmp_path):
+    rows = [(f"{i}.png", i % 3, i / 100) for i in range(25)]
+    chunks = format_labels(rows[:10]) + format_labels(rows[10:], header=False)
+    buf = io.StringIO(newline="")
+    write_labels(buf, rows)
+    assert buf.getvalue() == chunks == format_labels(rows)
+    assert format_labels([], decimals=6) == "filename,cluster,confidence\r\n"
+    assert format_labels([("x", 1, 0.5)], header=False, decimals=6) == "x,1,0.500000\r\n"
+
+
+def test_truth_reading_and_its_errors(tmp_path):
+    good = tmp_path / "truth.csv"
+    good.write_bytes("\ufeffLabel,Filename,extra\r\ncat,a.png,1\r\n\r\ndog,b.png,2\r\n".encode("utf-8"))
+    assert read_truth(good) == {"a.png": "cat", "b.png": "dog"}
+    cases = {
+        "filename,label\na,x\na,y\n": "1 duplicated filename(s): a",
+        "filename,label\n,x\n": "line 2: empty filename",
+        "name,label\na,x\n": "no column 'filename'",
+        "filename,label\n": "has a header but no rows",
+        "": "is empty",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(CsvFormatError, match=re.escape(message)):
+            read_truth(bad)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"filename,label\n\xe9.png,x\n")
+    with pytest.raises(CsvFormatError, match="not a UTF-8 text CSV"):
+        read_truth(latin)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_truth(tmp_path / "missing.csv")
