@@ -17,7 +17,8 @@ from sklearn.base import BaseEstimator, ClusterMixin
 
 from sp2ot_engine.errors import Cancelled
 from sp2ot_engine.graph import all_finite
-from sp2ot_engine.ot import FORMULATIONS, rho_schedule
+from sp2ot_engine.options import TRANSPORT_FORMULATIONS as FORMULATIONS
+from sp2ot_engine.ot import rho_schedule
 from sp2ot_engine.training import (
     CosineHead,
     TrainConfig,

@@ -48,13 +48,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from sp2ot_engine.options import KERNELS
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
 __all__ = ["all_finite", "knn_graph", "subgraph", "to_torch_sparse"]
 
 Kernel = Literal["gaussian", "cosine"]
-_KERNELS = ("gaussian", "cosine")
 
 #: Rows per search tile: on the CPU the search works on ``batch_size x batch_size`` float32
 #: score tiles (two of them: 32 MB at 2048), on a GPU index it is the query batch size.
@@ -270,8 +271,8 @@ def knn_graph(
             overflowing float32), all-zero rows with the cosine kernel, ``k`` out of
             ``[1, N - 1]``, unknown kernel, ``sigma <= 0``, ``batch_size < 1``, bad device.
     """
-    if kernel not in _KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(map(repr, _KERNELS))}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(map(repr, KERNELS))}")
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) \
             or sigma <= 0:
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
