@@ -34,7 +34,7 @@ def main() -> None:
     from PIL import Image
 
     from sp2ot_engine import SP2OTClustering
-    from sp2ot_engine.datasets import fashion_mnist_lt
+    from datasets import fashion_mnist_lt
     from sp2ot_engine.metrics import evaluate
 
     train, test = fashion_mnist_lt()

@@ -103,7 +103,7 @@ def in_index_order(names, labels) -> np.ndarray:
 
 def write_pngs(ds, images: np.ndarray, folder: Path) -> Path:
     """``images`` (with ``ds``'s labels) as PNG files ``<index>.png``, whose sorted names are index order."""
-    from sp2ot_engine.datasets import LabelledImages, write_image_folder
+    from datasets import LabelledImages, write_image_folder
 
     return write_image_folder(LabelledImages(images, ds.labels, ds.class_names), folder)[0]
 
@@ -126,7 +126,7 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    from sp2ot_engine.datasets import fashion_mnist_lt
+    from datasets import fashion_mnist_lt
     from sp2ot_engine.metrics import evaluate
 
     train, test = fashion_mnist_lt()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install Fashion-MNIST from the Debian package `dataset-fashion-mnist` if its files are missing.
 # Idempotent: does nothing when the four gzip IDX files are already there.
-# The files land in /usr/share/datasets/fashion-mnist (sp2ot_engine.datasets.fashion_mnist_lt's default).
+# The files land in /usr/share/datasets/fashion-mnist (benchmarks/datasets.py fashion_mnist_lt's default).
 set -euo pipefail
 
 DIR=/usr/share/datasets/fashion-mnist

@@ -7,7 +7,14 @@ import re
 
 import pytest
 
-from sp2ot_engine.io.labels_csv import CsvFormatError, format_labels, read_labels, read_truth, write_labels
+from sp2ot_engine.io.labels_csv import (
+    CsvFormatError,
+    format_labels,
+    read_labels,
+    read_truth,
+    write_labels,
+    write_truth,
+)
 
 
 def test_labels_round_trip_with_awkward_names(tmp_path):
@@ -27,6 +34,12 @@ def test_streamed_chunks_equal_one_file(tmp_path):
     assert buf.getvalue() == chunks == format_labels(rows)
     assert format_labels([], decimals=6) == "filename,cluster,confidence\r\n"
     assert format_labels([("x", 1, 0.5)], header=False, decimals=6) == "x,1,0.500000\r\n"
+
+
+def test_truth_round_trip(tmp_path):
+    write_truth(tmp_path / "truth.csv", [("a.png", 3), ("b, c.png", "cat")])
+    assert (tmp_path / "truth.csv").read_bytes() == b'filename,label\r\na.png,3\r\n"b, c.png",cat\r\n'
+    assert read_truth(tmp_path / "truth.csv") == {"a.png": "3", "b, c.png": "cat"}
 
 
 def test_truth_reading_and_its_errors(tmp_path):

@@ -2,7 +2,8 @@
 
 - **labels**: ``filename,cluster,confidence``, one row per image, a header first; written by
   :func:`write_labels` / :func:`format_labels`, read by :func:`read_labels`.
-- **truth**: ``filename,label``, a header first; read by :func:`read_truth`.
+- **truth**: ``filename,label``, a header first; written by :func:`write_truth`, read by
+  :func:`read_truth`.
 
 Readers take UTF-8 (a byte-order mark is allowed), find the columns by their header names
 (case-insensitive, in any order, other columns ignored), skip blank lines and raise
@@ -17,7 +18,7 @@ import io
 import itertools
 import os
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Callable, Iterable, Sequence, TextIO
 
 __all__ = [
     "CONFIDENCE_DECIMALS",
@@ -29,6 +30,7 @@ __all__ = [
     "read_labels",
     "read_truth",
     "write_labels",
+    "write_truth",
 ]
 
 LABELS_COLUMNS = ("filename", "cluster", "confidence")
@@ -52,21 +54,36 @@ def format_labels(rows: Iterable[LabelRow], *, header: bool = True, decimals: in
     """``rows`` of ``(filename, cluster, confidence)`` as labels CSV text (``\\r\\n`` line ends,
     quoting where a filename needs it). With ``header=False`` it continues an earlier chunk, so
     a large table can be streamed in batches."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    if header:
-        w.writerow(LABELS_COLUMNS)
-    w.writerows((name, int(cluster), f"{float(conf):.{decimals}f}") for name, cluster, conf in rows)
-    return buf.getvalue()
+    return _csv_text(LABELS_COLUMNS if header else None,
+                     ((name, int(cluster), f"{float(conf):.{decimals}f}") for name, cluster, conf in rows))
 
 
 def write_labels(target: str | os.PathLike | TextIO, rows: Iterable[LabelRow], *,
                  decimals: int = CONFIDENCE_DECIMALS) -> None:
     """Write a labels CSV to a path (created or replaced) or to an open text file (opened with
     ``newline=""``; left open, so a caller can ``fsync`` it before renaming)."""
+    _write(target, rows, lambda batch, header: format_labels(batch, header=header, decimals=decimals))
+
+
+def write_truth(target: str | os.PathLike | TextIO, rows: Iterable[tuple[str, str | int]]) -> None:
+    """Write a truth CSV of ``(filename, label)`` rows, like :func:`write_labels`."""
+    _write(target, rows, lambda batch, header: _csv_text(TRUTH_COLUMNS if header else None, batch))
+
+
+def _csv_text(header: Sequence[str] | None, rows: Iterable[Sequence]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    if header is not None:
+        w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _write(target: str | os.PathLike | TextIO, rows: Iterable, chunk: Callable[[list, bool], str]) -> None:
+    """``chunk(batch, header)`` of the rows in batches, to a path or an open text file."""
     if isinstance(target, (str, os.PathLike)):
         with open(target, "w", newline="", encoding="utf-8") as f:
-            write_labels(f, rows, decimals=decimals)
+            _write(f, rows, chunk)
         return
     rows = iter(rows)
     header = True
@@ -74,7 +91,7 @@ def write_labels(target: str | os.PathLike | TextIO, rows: Iterable[LabelRow], *
         batch = list(itertools.islice(rows, _WRITE_BATCH))
         if not batch and not header:
             return
-        target.write(format_labels(batch, header=header, decimals=decimals))
+        target.write(chunk(batch, header))
         header = False
 
 

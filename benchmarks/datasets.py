@@ -1,4 +1,6 @@
-"""Builders of the paper's long-tailed evaluation sets, from data the user already has locally.
+"""Builders of the paper's long-tailed evaluation sets, from data the user already has locally
+(benchmark support: not part of the engine; import as ``benchmarks.datasets`` from the
+repository root, or as ``datasets`` from a script in this folder).
 
 Nothing here downloads anything. Each builder reads a dataset in its standard on-disk format
 and returns :class:`LabelledImages` objects (the imbalanced training set and, where the paper
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
+
+from sp2ot_engine.io.labels_csv import write_truth
 
 __all__ = [
     "LabelledImages",
@@ -587,13 +591,6 @@ def _iter_files(ds: LabelledImages, to_png: bool) -> Iterator[tuple[str, int, by
             yield f"{i:0{width}d}{ext}", label, src.read_bytes()
 
 
-def _write_truth(path: Path, rows: list[tuple[str, int]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["filename", "label"])
-        w.writerows(rows)
-
-
 def _write_classes(path: Path, class_names: list[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -625,7 +622,7 @@ def write_image_folder(ds: LabelledImages, out_dir: PathLike, *, to_png: bool = 
         (folder / fname).write_bytes(data)
         rows.append((fname, label))
     truth = out_dir / "truth.csv"
-    _write_truth(truth, rows)
+    write_truth(truth, rows)
     _write_classes(out_dir / "classes.csv", ds.class_names)
     return folder, truth
 
@@ -685,5 +682,5 @@ def write_image_archive(ds: LabelledImages, archive_path: PathLike, *, truth_csv
                 tf.addfile(info, io.BytesIO(data))
                 rows.append((fname, label))
     truth.parent.mkdir(parents=True, exist_ok=True)
-    _write_truth(truth, rows)
+    write_truth(truth, rows)
     return archive_path, truth

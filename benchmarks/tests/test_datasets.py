@@ -1,4 +1,4 @@
-"""Tests of sp2ot_engine.datasets on small fake data written in the real on-disk formats."""
+"""Tests of benchmarks/datasets.py on small fake data written in the real on-disk formats."""
 from __future__ import annotations
 
 import csv
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sp2ot_engine import datasets as D
-from sp2ot_engine.datasets import LabelledImages
+from benchmarks import datasets as D
+from benchmarks.datasets import LabelledImages
 
 
 # ------------------------------------------------------------------ helpers writing fake data
