@@ -55,8 +55,8 @@ An archive with no file, or with no usable image, is not rejected here: the mani
 the pixel data (a JPEG cut after its header) is not seen without decoding: the caller that
 decodes (:func:`sp2ot_engine.io.collection.scan_images`) skips such images.
 
-Today ``app/archives.py`` still applies its own (equal, for archives) rules while extracting
-uploads; it is meant to use this module.
+``app/archives.py`` still applies its own rules while it extracts an upload (the same
+rejections; no magic-byte, name-length or pixel rules yet); it is meant to use this module.
 """
 from __future__ import annotations
 
