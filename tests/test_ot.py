@@ -388,3 +388,13 @@ def test_bad_graph_and_formulation():
         solve_transport(cost, 0.5, formulation="sela")
     with pytest.raises(ValueError, match="init has"):
         solve_p2ot(cost, 0.5, init=torch.zeros(2))
+
+
+def test_every_public_name_of_the_old_module_is_importable_from_the_package():
+    import sp2ot_engine.ot as ot
+
+    old = ["COARSE_MIN_ROWS_PER_COLUMN", "COARSE_STRIDE", "COARSE_TOL", "FORMULATIONS", "Formulation", "REUSE_BELOW",
+           "SPARSE_GRAM_BELOW", "SPARSE_GRAM_MAX_DENSITY", "SPARSE_GRAM_MIN_COLUMNS", "SolverInfo", "rho_schedule",
+           "semantic_strength", "solve_p2ot", "solve_sp2ot", "solve_transport", "sp2ot_objective"]
+    assert [name for name in old if not hasattr(ot, name)] == []
+    assert ot.FORMULATIONS == ("p2ot", "pot", "uot", "ot")

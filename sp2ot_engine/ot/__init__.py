@@ -47,10 +47,20 @@ checks), ``_problem`` (the shared problem set-up, objective and :class:`SolverIn
 :func:`solve_transport` / :func:`solve_p2ot`), ``_mm`` (:func:`solve_sp2ot`, the
 majorise-minimise loop) and ``_schedules`` (:func:`rho_schedule`, :func:`semantic_strength`).
 """
+# The tuning constants (upper case) are importable here as before, for reading: the solver
+# reads them in ``_newton`` and ``_semidual``, so code that changes one must patch it there.
 from sp2ot_engine.ot._mm import solve_sp2ot, sp2ot_objective
-from sp2ot_engine.ot._newton import solve_p2ot, solve_transport
+from sp2ot_engine.ot._newton import (
+    COARSE_MIN_ROWS_PER_COLUMN,
+    COARSE_STRIDE,
+    COARSE_TOL,
+    REUSE_BELOW,
+    solve_p2ot,
+    solve_transport,
+)
 from sp2ot_engine.ot._problem import FORMULATIONS, Formulation, SolverInfo
 from sp2ot_engine.ot._schedules import rho_schedule, semantic_strength
+from sp2ot_engine.ot._semidual import SPARSE_GRAM_BELOW, SPARSE_GRAM_MAX_DENSITY, SPARSE_GRAM_MIN_COLUMNS
 
 __all__ = [
     "FORMULATIONS",
