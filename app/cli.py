@@ -3,7 +3,8 @@
 Service commands::
 
     sp2ot serve [--host 127.0.0.1] [--port 8000]   API (+ in-process worker when SP2OT_BROKER_URL is empty)
-    sp2ot worker [--pool prefork] [--concurrency 1] Celery worker (needs SP2OT_BROKER_URL)
+    sp2ot worker [--pool prefork] [--concurrency 1] Celery worker (needs SP2OT_BROKER_URL): runs
+                                                    ``celery -A worker.celery_app worker`` in this process
     sp2ot create-api-key NAME                       prints a new key once
     sp2ot list-api-keys | revoke-api-key NAME_OR_PREFIX
     sp2ot migrate                                   alembic upgrade head
@@ -116,18 +117,19 @@ def _worker(args) -> int:
         print("sp2ot: SP2OT_BROKER_URL is empty: set it (e.g. redis://localhost:6379/0) to run a worker. "
               "Without a broker, `sp2ot serve` runs jobs itself.", file=sys.stderr)
         return 2
-    from worker.celery_app import celery_app
-
     concurrency = args.concurrency or settings.worker_concurrency
     argv = [
-        "worker", "--queues", settings.queue, "--pool", args.pool, "--concurrency", str(concurrency),
-        "--prefetch-multiplier", "1", "--loglevel", args.loglevel, "--without-gossip", "--without-mingle",
-        "--hostname", args.hostname or "sp2ot@%h",
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--queues", settings.queue,
+        "--pool", args.pool, "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
+        "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "--hostname", args.hostname or "sp2ot@%h",
     ]
     if args.pool == "prefork":
         argv += ["-O", "fair"]
-    celery_app.worker_main(argv=argv)
-    return 0
+    # exec, not import: the worker imports app, never the other way round; the process (its
+    # pid and process group) stays the same for supervisors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _db():

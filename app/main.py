@@ -22,8 +22,8 @@ from app.api.routes import datasets, health, jobs
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database, run_migrations
 from app.core.fastread import make_read_pool
-from app.dispatch import make_dispatcher
 from app.errors import ApiError
+from app.jobs.queue import make_queue
 from app.storage import Storage
 
 log = logging.getLogger("sp2ot.api")
@@ -98,16 +98,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = db
         app.state.read_pool = make_read_pool(settings)
         app.state.storage = storage
-        app.state.dispatcher = make_dispatcher(settings, db)
+        app.state.job_queue = make_queue(settings, db)
         # The image scanner pulls in torch: import it now rather than during the first upload.
         await run_in_threadpool(_warm_up)
-        await run_in_threadpool(app.state.dispatcher.recover, db)
+        await run_in_threadpool(app.state.job_queue.recover, db)
         log.info("sp2ot API ready (database %s, workers %s, data dir %s)",
-                 db.engine.dialect.name, app.state.dispatcher.mode, settings.data_dir)
+                 db.engine.dialect.name, app.state.job_queue.mode, settings.data_dir)
         try:
             yield
         finally:
-            app.state.dispatcher.shutdown()
+            app.state.job_queue.shutdown()
             if app.state.read_pool is not None:
                 await app.state.read_pool.close()
             db.dispose()

@@ -110,7 +110,7 @@ def _count(db, job_id):
 
 
 def test_redelivered_finished_job_is_not_run_again(pg_db):
-    from worker.tasks import execute_job
+    from app.jobs.runner import execute_job
 
     settings, db = pg_db
     job_id = _make_job(settings, db)
@@ -125,7 +125,7 @@ def test_rerun_after_a_crash_replaces_rows(pg_db):
     """A job whose worker died after writing rows (simulated) is re-run from scratch; the
     old rows are replaced, not duplicated."""
     from app.models import Assignment, Job, JobStatus
-    from worker.tasks import execute_job
+    from app.jobs.runner import execute_job
 
     settings, db = pg_db
     job_id = _make_job(settings, db)
@@ -142,7 +142,7 @@ def test_rerun_after_a_crash_replaces_rows(pg_db):
 
 def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(pg_db):
     from app.models import Job, JobStatus
-    from worker.tasks import execute_job
+    from app.jobs.runner import execute_job
 
     settings, db = pg_db
     job_id = _make_job(settings, db)
@@ -158,7 +158,7 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(pg_db):
 
 def test_running_job_with_a_live_heartbeat_is_not_taken_over(pg_db):
     from app.models import Job, JobStatus, utcnow
-    from worker.tasks import execute_job
+    from app.jobs.runner import execute_job
 
     settings, db = pg_db
     job_id = _make_job(settings, db)
@@ -172,7 +172,7 @@ def test_superseded_attempt_writes_nothing(pg_db, monkeypatch):
     """Attempt 1 is presumed dead and attempt 2 takes over: attempt 1 stops at its next
     check and never writes results; the job ends with one set of rows."""
     from app.models import Job
-    from worker.tasks import execute_job
+    from app.jobs.runner import execute_job
 
     settings, db = pg_db
     monkeypatch.setenv("SP2OT_FAKE_STEP_DELAY", "0.05")
@@ -195,7 +195,7 @@ def test_superseded_attempt_writes_nothing(pg_db, monkeypatch):
 
 
 def test_progress_writes_are_throttled(pg_db):
-    from worker.tasks import JobRun
+    from app.jobs.runner import JobRun
 
     settings, db = pg_db
     run = JobRun(db, settings.model_copy(update={"progress_interval": 0.5}), "x", 1)

@@ -12,8 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app import crud
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database
-from app.core.security import hash_api_key
-from app.crud import Owner
+from app.core.security import Owner, hash_api_key
 from app.errors import ApiError
 from app.storage import Storage
 

@@ -18,8 +18,9 @@ from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, Sett
 from app.archives import prepare_upload
 from app.core.config import Settings
 from app.core.db import Database
-from app.crud import Owner
+from app.core.security import Owner
 from app.errors import Conflict, NotFound, UploadRejected
+from app.jobs import repository
 from app.models import Dataset, new_id
 from app.schemas import DatasetList, DatasetOut, ErrorOut
 from app.storage import Storage
@@ -126,14 +127,13 @@ def delete_dataset(dataset_id: str, owner: OwnerDep, session: SessionDep, storag
     """Delete a dataset and its files. 409 while a queued or running job uses it; finished
     jobs keep their results (their `dataset_id` becomes null)."""
     ds = _get_or_404(session, owner, dataset_id, for_update=True)
-    active = crud.active_jobs_of_dataset(session, ds.id)
+    active = repository.active_job_ids(session, dataset_id=ds.id)
     if active:
-        ids = ", ".join(j.id for j in active[:5])
         raise Conflict(
-            f"Dataset {ds.id} is used by {len(active)} queued or running job(s) ({ids}). "
+            f"Dataset {ds.id} is used by {len(active)} queued or running job(s) ({', '.join(active[:5])}). "
             "Cancel them (POST /jobs/{id}/cancel) or wait until they finish, then delete the dataset."
         )
-    session.delete(ds)
+    crud.delete_dataset(session, ds)
     session.commit()
     storage.remove_dataset_files(ds.id)
     return Response(status_code=204)

@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 
 def _check(request: Request) -> HealthOut:
     db = request.app.state.db
-    dispatcher = request.app.state.dispatcher
+    queue = request.app.state.job_queue
     t0 = time.perf_counter()
     try:
         db.ping()
@@ -23,13 +23,13 @@ def _check(request: Request) -> HealthOut:
                     "detail": db.engine.dialect.name}
     except Exception as e:
         database = {"ok": False, "detail": f"database unreachable: {type(e).__name__}"}
-    b_ok, b_detail, b_ms = dispatcher.broker()
+    b_ok, b_detail, b_ms = queue.broker()
     broker = {"ok": b_ok, "detail": b_detail, "latency_ms": None if b_ms is None else round(b_ms, 2)}
     if b_ok:
-        w_ok, count, names, w_detail = dispatcher.workers()
+        w_ok, count, names, w_detail = queue.workers()
     else:
         w_ok, count, names, w_detail = False, 0, [], "broker unreachable"
-    workers = {"ok": w_ok, "mode": dispatcher.mode, "count": count, "names": names, "detail": w_detail}
+    workers = {"ok": w_ok, "mode": queue.mode, "count": count, "names": names, "detail": w_detail}
     status = "down" if not database["ok"] else ("ok" if b_ok and w_ok else "degraded")
     return HealthOut(status=status, version=__version__, database=database, broker=broker, workers=workers)
 
