@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings)``.
 
 Run it with ``sp2ot serve`` (or ``uvicorn --factory app.main:create_app``). At start-up it
-applies the database migrations, creates the data dir, removes upload leftovers, and, in the
-embedded mode (no broker), resumes the jobs a previous run left unfinished.
+applies the database migrations, creates the data dir, removes upload leftovers, in the
+embedded mode (no broker) resumes the jobs a previous run left unfinished, and starts the
+reaper (``app.jobs.reaper``: jobs whose worker is gone).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from app.core.db import Database, run_migrations
 from app.core.fastread import make_read_pool
 from app.errors import ApiError
 from app.jobs.queue import make_queue
+from app.jobs.reaper import Reaper
 from app.storage import Storage
 
 log = logging.getLogger("sp2ot.api")
@@ -102,11 +104,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The image scanner pulls in torch: import it now rather than during the first upload.
         await run_in_threadpool(_warm_up)
         await run_in_threadpool(app.state.job_queue.recover, db)
+        app.state.reaper = Reaper(settings, db, storage, app.state.job_queue).start()
         log.info("sp2ot API ready (database %s, workers %s, data dir %s)",
                  db.engine.dialect.name, app.state.job_queue.mode, settings.data_dir)
         try:
             yield
         finally:
+            await run_in_threadpool(app.state.reaper.stop)
             app.state.job_queue.shutdown()
             if app.state.read_pool is not None:
                 await app.state.read_pool.close()

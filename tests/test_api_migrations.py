@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 
 import pytest
 from sqlalchemy import create_engine, inspect
 
 pytest.register_assert_rewrite("service_fixtures")
 from service_fixtures import (  # noqa: E402
-    PG_ADMIN_URL,
     REPO,
-    _pg_admin,
     service_env,
     settings_from,
     subprocess_env,
@@ -34,23 +31,6 @@ def _diff(url: str) -> list:
             return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def fresh_pg():
-    from service_fixtures import postgres_available
-
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-    name = f"sp2ot_mig_{uuid.uuid4().hex[:10]}"
-    with _pg_admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with _pg_admin() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_postgres_migrations_match_models_and_run_concurrently(fresh_pg, tmp_path):
@@ -78,3 +58,4 @@ def test_sqlite_migrations_match_models_and_downgrade(tmp_path):
     engine.dispose()
     run_migrations(settings)
     assert _diff(settings.sqlalchemy_url) == []
+

@@ -42,15 +42,12 @@ def worker_database(settings: Settings) -> Database:
 
 @celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(self, job_id: str) -> str:
+    """Run the job. A message for a job another live worker runs (a duplicate delivery) is
+    acknowledged and dropped: if that worker dies, the API's reaper queues the job again."""
     settings = get_settings()
-    outcome = execute_job(
+    return execute_job(
         job_id, db=worker_database(settings), settings=settings, worker_name=self.request.hostname or "celery"
     )
-    if outcome == "busy":
-        # Another live worker runs it (a redelivery while it is still working): look again
-        # later, in case that worker dies; this message is acknowledged.
-        raise self.retry(countdown=settings.heartbeat_timeout, max_retries=None)
-    return outcome
 
 
 @signals.worker_init.connect

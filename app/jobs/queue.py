@@ -8,7 +8,8 @@ imports the worker.
 Reliability settings of the Celery app: tasks are acknowledged only when finished
 (``acks_late``) and given back to the queue if the worker process is lost, a worker holds one
 task at a time (``worker_prefetch_multiplier=1``), and a task whose worker died is delivered
-again after ``SP2OT_BROKER_VISIBILITY_TIMEOUT`` seconds (Redis).
+again after ``SP2OT_BROKER_VISIBILITY_TIMEOUT`` seconds (Redis). Recovery does not wait for
+that: the API's reaper (``app.jobs.reaper``) re-queues a job whose heartbeat stopped.
 """
 from __future__ import annotations
 

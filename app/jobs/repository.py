@@ -7,10 +7,10 @@ States and the moves between them (:data:`TRANSITIONS`)::
     queued  -> failed      its attempts are used up                              (claim)
     running -> succeeded   the results are written in the same transaction      (record_success)
     running -> failed      the engine failed, the time limit, or its worker died
-                           max_attempts times                                    (end_attempt, claim)
+                           max_attempts times                                    (end_attempt, settle_abandoned)
     running -> cancelled   its worker stopped on the cancel flag, or it was
-                           cancelled while no worker lived                       (end_attempt, claim)
-    running -> queued      its worker is gone: the attempt is given up           (claim)
+                           cancelled while no worker lived                       (end_attempt, settle_abandoned)
+    running -> queued      its worker is gone: the attempt is given up           (settle_abandoned, claim)
 
 Succeeded, failed and cancelled are final. Every state write goes through :func:`_transition`:
 it raises :class:`IllegalTransition` on a move the table does not list, and it is one
@@ -29,7 +29,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 BUSY = "busy"
+ABANDONED_IDS_REPORTED = 20
 
 
 class IllegalTransition(RuntimeError):
@@ -173,8 +174,8 @@ def create_job(session: Session, owner: Owner, **fields: Any) -> tuple[JobRecord
 
 
 def request_cancel(session: Session, job_id: str) -> JobRecord | None:
-    """Cancel a queued job at once; flag a running one (its worker stops at its next check).
-    Commits; returns the job as it is now."""
+    """Cancel a queued job at once; flag a running one (its worker stops at its next check,
+    or the reaper ends it when it has no worker). Commits; returns the job as it is now."""
     for _ in range(3):  # the job may move between the read and the write: look again
         job = _by_id(session, job_id)
         if job is None or job.status not in JobStatus.ACTIVE:
@@ -366,3 +367,34 @@ def bulk_insert_assignments(session: Session, job_id: str, filenames, labels, co
             batch = []
     if batch:
         session.execute(insert(Assignment), batch)
+
+
+# -------------------------------------------------------------- jobs without a live worker
+def _abandoned(heartbeat_timeout: float) -> tuple:
+    cutoff = utcnow() - timedelta(seconds=heartbeat_timeout)
+    return (Job.status == RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
+
+
+def abandoned_job_ids(session: Session, heartbeat_timeout: float, limit: int | None = None) -> list[str]:
+    """Running jobs whose heartbeat is older than ``heartbeat_timeout``: their worker is gone."""
+    stmt = select(Job.id).where(*_abandoned(heartbeat_timeout)).order_by(Job.heartbeat_at, Job.id)
+    return list(session.scalars(stmt.limit(limit) if limit else stmt))
+
+
+def count_abandoned(session: Session, heartbeat_timeout: float) -> tuple[int, list[str]]:
+    """How many running jobs have no live worker, and the ids of the first few."""
+    total = session.scalar(select(func.count()).select_from(Job).where(*_abandoned(heartbeat_timeout))) or 0
+    return total, abandoned_job_ids(session, heartbeat_timeout, ABANDONED_IDS_REPORTED) if total else []
+
+
+def settle_abandoned(session: Session, job_id: str, *, heartbeat_timeout: float, max_attempts: int) -> str | None:
+    """If the job still runs without a live worker, end it (cancelled when a cancel was asked,
+    failed when its attempts are used up) or queue it again. The row stays locked until the
+    caller's transaction ends, so the caller sends a re-queued job to the queue before
+    committing; a job locked by someone else is left for the next pass. Returns the new
+    status, or None when nothing changed."""
+    job = _by_id(session, job_id, lock=True, skip_locked=True)
+    if job is None or job.status != RUNNING or _has_live_worker(job, utcnow(), heartbeat_timeout):
+        return None
+    log.warning("job %s: worker %s of attempt %d stopped answering", job_id, job.worker, job.attempts)
+    return _give_up_attempt(session, job, max_attempts)

@@ -13,7 +13,8 @@ Guarantees (the state changes themselves are :mod:`app.jobs.repository`'s):
 * **progress** is written at most every ``progress_interval`` seconds (and at each stage
   change); the cancel flag is read at most every ``cancel_check_interval`` seconds, from
   the engine's ``should_stop`` callback, i.e. between training steps;
-* a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds.
+* a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds; when
+  it stops (the worker died), the API's reaper ends or re-queues the job.
 """
 from __future__ import annotations
 
