@@ -3,6 +3,8 @@ are in ``app/jobs/repository.py``). Every dataset query of a request is scoped t
 another key's rows are invisible (404)."""
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -83,6 +85,26 @@ def list_datasets(session: Session, owner: Owner, limit: int, offset: int) -> tu
         select(Dataset).where(where).order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset)
     )
     return list(rows), total
+
+
+def mark_dataset_used(dataset: Dataset) -> None:
+    """A job is being created from the dataset (retention counts from its last use)."""
+    dataset.last_used_at = utcnow()
+
+
+def unused_dataset_ids(session: Session, used_before: datetime, limit: int) -> list[str]:
+    """Datasets uploaded and last used before ``used_before`` (the longest unused first)."""
+    return list(session.scalars(
+        select(Dataset.id).where(Dataset.last_used_at < used_before).order_by(Dataset.last_used_at).limit(limit)
+    ))
+
+
+def lock_unused_dataset(session: Session, dataset_id: str, used_before: datetime) -> Dataset | None:
+    """The dataset, locked until the transaction ends, if it is still unused since ``used_before``
+    (a job being created from it locks it too, and marks it used)."""
+    return session.scalars(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.last_used_at < used_before).with_for_update()
+    ).first()
 
 
 def delete_dataset(session: Session, dataset: Dataset) -> None:

@@ -3,7 +3,7 @@
 Run it with ``sp2ot serve`` (or ``uvicorn --factory app.main:create_app``). At start-up it
 applies the database migrations, creates the data dir, removes upload leftovers, in the
 embedded mode (no broker) resumes the jobs a previous run left unfinished, and starts the
-reaper (``app.jobs.reaper``: jobs whose worker is gone).
+reaper (``app.jobs.reaper``: jobs whose worker is gone, retention).
 """
 from __future__ import annotations
 

@@ -95,10 +95,20 @@ class Settings(BaseSettings):
     )
     reaper_interval: float = Field(
         15.0, gt=0, description="Seconds between two passes of the API process's reaper: it re-queues running jobs "
-        "whose heartbeat is older than heartbeat_timeout (their worker is gone).",
+        "whose heartbeat is older than heartbeat_timeout (their worker is gone) and applies the retention settings.",
     )
     progress_interval: float = Field(0.5, ge=0, description="Minimum seconds between two progress writes.")
     cancel_check_interval: float = Field(0.5, ge=0, description="Minimum seconds between two cancel-flag reads.")
+
+    # --- retention ------------------------------------------------------------------------
+    job_ttl_days: float = Field(
+        0, ge=0, description="Finished jobs (their results and files) are deleted this many days after they "
+        "finished. 0 = kept until deleted.",
+    )
+    dataset_ttl_days: float = Field(
+        0, ge=0, description="Datasets no job was created from for this many days are deleted, unless a queued or "
+        "running job uses them. 0 = kept until deleted.",
+    )
 
     # --- engine ---------------------------------------------------------------------------
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")

@@ -1,7 +1,9 @@
 """The reaper: a thread of the API process that, every ``SP2OT_REAPER_INTERVAL`` seconds,
-finds the running jobs whose heartbeat is older than ``SP2OT_HEARTBEAT_TIMEOUT`` (their
-worker died: killed, crashed, its machine lost) and ends them when a cancel was asked or
-their ``SP2OT_MAX_ATTEMPTS`` are used up, or queues them again (a new message to the queue).
+
+* finds the running jobs whose heartbeat is older than ``SP2OT_HEARTBEAT_TIMEOUT`` (their
+  worker died: killed, crashed, its machine lost) and ends them when a cancel was asked or
+  their ``SP2OT_MAX_ATTEMPTS`` are used up, or queues them again (a new message to the queue);
+* applies the retention settings (:func:`app.retention.cleanup`).
 
 It does not depend on the broker re-delivering the dead worker's message (Redis does that
 only after the visibility timeout, hours by default). Several API processes may each run
@@ -17,6 +19,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.jobs import repository
 from app.jobs.queue import JobQueue
+from app.retention import cleanup
 from app.storage import Storage
 
 log = logging.getLogger("sp2ot.reaper")
@@ -24,9 +27,11 @@ log = logging.getLogger("sp2ot.reaper")
 
 @dataclass
 class ReaperPass:
-    """What one pass did: job ids by their new status."""
+    """What one pass did: job ids by their new status, and what the retention removed."""
 
     settled: dict[str, list[str]] = field(default_factory=dict)
+    removed_jobs: list[str] = field(default_factory=list)
+    removed_datasets: list[str] = field(default_factory=list)
 
 
 class Reaper:
@@ -59,6 +64,9 @@ class Reaper:
             if status is not None:
                 log.warning("job %s had no live worker: now %s", job_id, status)
                 out.settled.setdefault(status, []).append(job_id)
+        if self.settings.job_ttl_days or self.settings.dataset_ttl_days:
+            report = cleanup(self.db, self.storage, self.settings)
+            out.removed_jobs, out.removed_datasets = report.jobs, report.datasets
         return out
 
     def _loop(self) -> None:

@@ -201,6 +201,14 @@ def delete_job(session: Session, job_id: str) -> None:
     session.execute(delete(Job).where(Job.id == job_id))
 
 
+def expired_job_ids(session: Session, finished_before: datetime, limit: int) -> list[str]:
+    """Succeeded, failed or cancelled jobs that finished before ``finished_before``."""
+    return list(session.scalars(
+        select(Job.id).where(Job.status.in_(JobStatus.TERMINAL), Job.finished_at < finished_before)
+        .order_by(Job.finished_at).limit(limit)
+    ))
+
+
 # ----------------------------------------------------------------------- a worker's attempt
 @dataclass(frozen=True)
 class Claim:

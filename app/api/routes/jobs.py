@@ -213,6 +213,7 @@ def _create_from_upload(
 def _create_dataset_job(s, job_id: str, owner: Owner, ds: Dataset, idem_key: str | None, opts: dict,
                         has_truth: bool) -> tuple[JobRecord, bool]:
     """A job on the locked dataset ``ds``; commits (which releases the lock)."""
+    crud.mark_dataset_used(ds)
     return repository.create_job(
         s, owner, id=job_id, dataset_id=ds.id, idempotency_key=idem_key, input_path=ds.files_path,
         owns_input=False, input_name=ds.name, n_images=ds.n_images, input_skipped=list(ds.skipped or []),
