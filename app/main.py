@@ -1,9 +1,9 @@
 """The FastAPI application: ``create_app(settings)``.
 
 Run it with ``sp2ot serve`` (or ``uvicorn --factory app.main:create_app``). At start-up it
-applies the database migrations, creates the data dir, removes upload leftovers, in the
-embedded mode (no broker) resumes the jobs a previous run left unfinished, and starts the
-reaper (``app.jobs.reaper``: jobs whose worker is gone, retention).
+applies the database migrations, creates the data dir, removes the upload folders of processes
+that died, in the embedded mode (no broker) resumes the jobs a previous run left unfinished,
+and starts the reaper (``app.jobs.reaper``: jobs whose worker is gone, retention).
 """
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         storage.ensure()
         removed = storage.clean_stale_tmp()
         if removed:
-            log.info("removed %d stale upload folder(s)", removed)
+            log.info("removed %d upload folder(s) left by processes that died", removed)
+        app.state.upload_area = storage.open_upload_area()
         if settings.run_migrations:
             await run_in_threadpool(run_migrations, settings)
         db = Database(settings)
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if app.state.read_pool is not None:
                 await app.state.read_pool.close()
             db.dispose()
+            app.state.upload_area.close()
 
     app = FastAPI(
         title="sp2ot",

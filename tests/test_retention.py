@@ -1,8 +1,10 @@
 """Retention (``SP2OT_JOB_TTL_DAYS``, ``SP2OT_DATASET_TTL_DAYS``): what expires goes, rows and
 files; what is recent or in use stays; off by default. Run by ``sp2ot cleanup`` and by the
-API's reaper."""
+API's reaper. And the upload folders of processes that died are removed at start-up."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -202,3 +204,50 @@ def test_the_api_reaper_applies_the_retention(tmp_path):
             assert job_state(db, old) is None and job_state(db, recent) is not None
     finally:
         db.dispose()
+
+
+# --------------------------------------------------------------------- upload folders
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from app.core.config import Settings
+from app.storage import Storage
+area = Storage(Settings(data_dir=sys.argv[1])).open_upload_area()
+(area.path / "upload-1").mkdir()
+(area.path / "upload-1" / "part").write_bytes(b"half an upload")
+print(area.path, flush=True)
+time.sleep(600)
+"""
+
+
+def test_upload_folders_of_dead_processes_are_removed_at_start_up(tmp_path):
+    """Another API process (alive) keeps its upload folder; once it is SIGKILLed, the next
+    start-up removes it. Other leftovers go after 24 h, as before."""
+    env = service_env(data_dir=tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], cwd=str(REPO),
+                              env=subprocess_env(env), stdout=subprocess.PIPE, text=True)
+    try:
+        other = holder.stdout.readline().strip()
+        assert other and os.path.isdir(other), other
+        stale = tmp / "upload-legacy"
+        stale.mkdir()
+        os.utime(stale, (time.time() - 2 * 86400,) * 2)
+        fresh = tmp / "upload-recent"
+        fresh.mkdir()
+        with api_client(settings_from(env)) as c:
+            own = c.app.state.upload_area.path
+            assert own.is_dir() and own.parent == tmp
+            assert os.path.isdir(other), "the upload folder of a live process was removed"
+            assert not stale.exists() and fresh.exists()
+        assert not own.exists()  # a clean shutdown removes its own
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        assert os.path.isdir(other)
+        with api_client(settings_from(env)):
+            assert not os.path.exists(other)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -30,6 +31,11 @@ async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+async def get_upload_dir(request: Request) -> Path:
+    """Where this process receives uploads (its ``UploadArea``)."""
+    return request.app.state.upload_area.path
+
+
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.db.session() as session:
         yield session
@@ -43,6 +49,7 @@ def get_read_session(request: Request) -> Iterator[Session]:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+UploadDirDep = Annotated[Path, Depends(get_upload_dir)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 

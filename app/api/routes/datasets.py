@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep, UploadDirDep
 from app.archives import prepare_upload
 from app.core.config import Settings
 from app.core.db import Database
@@ -84,11 +84,11 @@ def _create(db: Database, settings: Settings, storage: Storage, owner: Owner, fo
     responses={401: ERRORS[401], 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
 )
 async def create_dataset(request: Request, owner: OwnerDep, settings: SettingsDep, db: DatabaseDep,
-                         storage: StorageDep):
+                         storage: StorageDep, upload_dir: UploadDirDep):
     """Upload an archive of images: it is checked, extracted and scanned once; then create
     jobs on it with `POST /jobs` `{"dataset_id": ..., "n_clusters": ...}`."""
     form = await receive_multipart(
-        request, storage.tmp, max_bytes=settings.max_upload_bytes,
+        request, upload_dir, max_bytes=settings.max_upload_bytes,
         file_fields={"archive": settings.max_upload_bytes}, text_fields={"name"},
         chunk_bytes=settings.upload_chunk_bytes,
     )

@@ -22,6 +22,7 @@ from app.api.deps import (
     SessionDep,
     SettingsDep,
     StorageDep,
+    UploadDirDep,
 )
 from app.archives import parse_truth, prepare_upload, write_truth
 from app.core.config import Settings
@@ -253,6 +254,7 @@ async def create_job(
     settings: SettingsDep,
     db: DatabaseDep,
     storage: StorageDep,
+    upload_dir: UploadDirDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ):
     """Upload images and start clustering them.
@@ -284,7 +286,7 @@ async def create_job(
         job, created = await run_in_threadpool(_create_from_dataset, db, settings, storage, owner, body, idempotency_key)
     elif ctype == "multipart/form-data":
         form = await receive_multipart(
-            request, storage.tmp, max_bytes=settings.max_upload_bytes,
+            request, upload_dir, max_bytes=settings.max_upload_bytes,
             file_fields={"archive": settings.max_upload_bytes, "truth": settings.max_truth_bytes},
             text_fields=TEXT_FIELDS, chunk_bytes=settings.upload_chunk_bytes,
         )
