@@ -3,10 +3,12 @@
 Service commands::
 
     sp2ot serve [--host 127.0.0.1] [--port 8000]   API (+ in-process worker when SP2OT_BROKER_URL is empty)
-    sp2ot worker [--pool prefork] [--concurrency 1] Celery worker (needs SP2OT_BROKER_URL)
+    sp2ot worker [--pool prefork] [--concurrency 1] Celery worker (needs SP2OT_BROKER_URL): runs
+                                                    ``celery -A worker.celery_app worker`` in this process
     sp2ot create-api-key NAME                       prints a new key once
     sp2ot list-api-keys | revoke-api-key NAME_OR_PREFIX
     sp2ot migrate                                   alembic upgrade head
+    sp2ot cleanup                                   delete expired jobs and datasets (retention settings)
 
 Anything else (cluster, evaluate, benchmark, ...) is the engine's CLI (``sp2ot_engine.cli``).
 Configuration comes from ``SP2OT_*`` environment variables (see ``app/core/config.py``).
@@ -18,7 +20,7 @@ import logging
 import os
 import sys
 
-SERVICE_COMMANDS = ("serve", "worker", "create-api-key", "list-api-keys", "revoke-api-key", "migrate")
+SERVICE_COMMANDS = ("serve", "worker", "create-api-key", "list-api-keys", "revoke-api-key", "migrate", "cleanup")
 
 
 def _logging(level: str) -> None:
@@ -26,6 +28,16 @@ def _logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days >= 0")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("revoke-api-key", help="revoke the keys with this name or prefix")
     r.add_argument("name_or_prefix")
     sub.add_parser("migrate", help="apply the database migrations (alembic upgrade head)")
+    c = sub.add_parser("cleanup", help="delete finished jobs and unused datasets older than the retention settings")
+    c.add_argument("--job-ttl-days", type=_days, default=None, help="default SP2OT_JOB_TTL_DAYS (0 = keep)")
+    c.add_argument("--dataset-ttl-days", type=_days, default=None, help="default SP2OT_DATASET_TTL_DAYS (0 = keep)")
     return p
 
 
@@ -76,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return {
         "serve": _serve, "worker": _worker, "create-api-key": _create_key, "list-api-keys": _list_keys,
-        "revoke-api-key": _revoke_key, "migrate": _migrate,
+        "revoke-api-key": _revoke_key, "migrate": _migrate, "cleanup": _cleanup,
     }[args.command](args)
 
 
@@ -116,24 +131,25 @@ def _worker(args) -> int:
         print("sp2ot: SP2OT_BROKER_URL is empty: set it (e.g. redis://localhost:6379/0) to run a worker. "
               "Without a broker, `sp2ot serve` runs jobs itself.", file=sys.stderr)
         return 2
-    from worker.celery_app import celery_app
-
     concurrency = args.concurrency or settings.worker_concurrency
     argv = [
-        "worker", "--queues", settings.queue, "--pool", args.pool, "--concurrency", str(concurrency),
-        "--prefetch-multiplier", "1", "--loglevel", args.loglevel, "--without-gossip", "--without-mingle",
-        "--hostname", args.hostname or "sp2ot@%h",
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--queues", settings.queue,
+        "--pool", args.pool, "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
+        "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "--hostname", args.hostname or "sp2ot@%h",
     ]
     if args.pool == "prefork":
         argv += ["-O", "fair"]
-    celery_app.worker_main(argv=argv)
-    return 0
+    # exec, not import: the worker imports app, never the other way round; the process (its
+    # pid and process group) stays the same for supervisors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
-def _db():
+def _db(settings=None):
     from app.core.db import Database, run_migrations
 
-    settings = _settings()
+    settings = settings or _settings()
     settings.ensure_dirs()
     if settings.run_migrations:
         run_migrations(settings)
@@ -177,6 +193,25 @@ def _revoke_key(args) -> int:
         s.commit()
     print(f"{n} key(s) revoked", file=sys.stderr)
     return 0 if n else 1
+
+
+def _cleanup(args) -> int:
+    from app.retention import cleanup
+    from app.storage import Storage
+
+    settings = _settings(job_ttl_days=args.job_ttl_days, dataset_ttl_days=args.dataset_ttl_days)
+    _logging("info")
+    if not (settings.job_ttl_days or settings.dataset_ttl_days):
+        print("sp2ot: retention is off (SP2OT_JOB_TTL_DAYS and SP2OT_DATASET_TTL_DAYS are 0): nothing to do",
+              file=sys.stderr)
+        return 0
+    db = _db(settings)
+    try:
+        report = cleanup(db, Storage(settings), settings)
+    finally:
+        db.dispose()
+    print(f"deleted {len(report.jobs)} job(s) and {len(report.datasets)} dataset(s)", file=sys.stderr)
+    return 0
 
 
 def _migrate(args) -> int:

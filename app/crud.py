@@ -1,30 +1,23 @@
-"""Database reads and writes used by the API and the CLI (the worker has its own, in
-``worker/tasks.py``). Every dataset/job query is scoped to its owner: another key's rows are
-invisible (404)."""
+"""Database reads and writes of API keys and datasets, used by the API and the CLI (a job's
+are in ``app/jobs/repository.py``). Every dataset query of a request is scoped to its owner:
+another key's rows are invisible (404)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from types import SimpleNamespace
+from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.security import (
     LOCAL_OWNER_HASH,
     LOCAL_OWNER_NAME,
+    Owner,
     display_prefix,
     generate_api_key,
     hash_api_key,
 )
-from app.models import ApiKey, Assignment, Dataset, Job, JobStatus, utcnow
-
-
-@dataclass(frozen=True)
-class Owner:
-    id: int
-    name: str
+from app.models import ApiKey, Dataset, utcnow
 
 
 # ------------------------------------------------------------------------------ api keys
@@ -94,68 +87,26 @@ def list_datasets(session: Session, owner: Owner, limit: int, offset: int) -> tu
     return list(rows), total
 
 
-def active_jobs_of_dataset(session: Session, dataset_id: str) -> list[Job]:
-    return list(
-        session.scalars(select(Job).where(Job.dataset_id == dataset_id, Job.status.in_(JobStatus.ACTIVE)))
-    )
+def mark_dataset_used(dataset: Dataset) -> None:
+    """A job is being created from the dataset (retention counts from its last use)."""
+    dataset.last_used_at = utcnow()
 
 
-# ---------------------------------------------------------------------------------- jobs
-def get_job(session: Session, owner: Owner, job_id: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.id == job_id, Job.owner_id == owner.id)).first()
+def unused_dataset_ids(session: Session, used_before: datetime, limit: int) -> list[str]:
+    """Datasets uploaded and last used before ``used_before`` (the longest unused first)."""
+    return list(session.scalars(
+        select(Dataset.id).where(Dataset.last_used_at < used_before).order_by(Dataset.last_used_at).limit(limit)
+    ))
 
 
-_JOB_COLUMNS = tuple(Job.__table__.c)
+def lock_unused_dataset(session: Session, dataset_id: str, used_before: datetime) -> Dataset | None:
+    """The dataset, locked until the transaction ends, if it is still unused since ``used_before``
+    (a job being created from it locks it too, and marks it used)."""
+    return session.scalars(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.last_used_at < used_before).with_for_update()
+    ).first()
 
 
-def get_job_row(db, owner: Owner, job_id: str):
-    """The job as a plain row (Core, autocommit, no ORM): the cheapest read, for polling."""
-    stmt = select(*_JOB_COLUMNS).where(Job.id == job_id, Job.owner_id == owner.id)
-    with db.read_engine.connect() as conn:
-        row = conn.execute(stmt).mappings().first()
-    return SimpleNamespace(**row) if row is not None else None
-
-
-def job_by_idempotency_key(session: Session, owner: Owner, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.owner_id == owner.id, Job.idempotency_key == key)).first()
-
-
-def list_jobs(
-    session: Session, owner: Owner, limit: int, offset: int, statuses: Iterable[str] | None = None,
-    dataset_id: str | None = None,
-) -> tuple[list[Job], int]:
-    conds = [Job.owner_id == owner.id]
-    if statuses:
-        conds.append(Job.status.in_(list(statuses)))
-    if dataset_id:
-        conds.append(Job.dataset_id == dataset_id)
-    total = session.scalar(select(func.count()).select_from(Job).where(*conds)) or 0
-    rows = session.scalars(
-        select(Job).where(*conds).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
-    )
-    return list(rows), total
-
-
-def request_cancel(session: Session, job: Job) -> Job:
-    """Cancel a queued job at once; ask a running one to stop (its worker notices within
-    ``cancel_check_interval``). Conditional updates make this safe against the worker
-    starting or finishing the job at the same moment."""
-    now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now,
-                progress={**(job.progress or {}), "stage": "cancelled"})
-    )
-    if not res.rowcount:
-        session.execute(
-            update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING).values(cancel_requested=True)
-        )
-    session.commit()
-    session.refresh(job)
-    return job
-
-
-def delete_job_rows(session: Session, job_id: str) -> None:
-    session.execute(delete(Assignment).where(Assignment.job_id == job_id))
-    session.execute(delete(Job).where(Job.id == job_id))
+def delete_dataset(session: Session, dataset: Dataset) -> None:
+    """Delete the row (its files are the caller's); its finished jobs keep their results."""
+    session.delete(dataset)

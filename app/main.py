@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings)``.
 
 Run it with ``sp2ot serve`` (or ``uvicorn --factory app.main:create_app``). At start-up it
-applies the database migrations, creates the data dir, removes upload leftovers, and, in the
-embedded mode (no broker), resumes the jobs a previous run left unfinished.
+applies the database migrations, creates the data dir, removes the upload folders of processes
+that died, in the embedded mode (no broker) resumes the jobs a previous run left unfinished,
+and starts the reaper (``app.jobs.reaper``: jobs whose worker is gone, retention).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from app.api.routes import datasets, health, jobs
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database, run_migrations
 from app.core.fastread import make_read_pool
-from app.dispatch import make_dispatcher
 from app.errors import ApiError
+from app.jobs.queue import make_queue
+from app.jobs.reaper import Reaper
 from app.storage import Storage
 
 log = logging.getLogger("sp2ot.api")
@@ -91,26 +93,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         storage.ensure()
         removed = storage.clean_stale_tmp()
         if removed:
-            log.info("removed %d stale upload folder(s)", removed)
+            log.info("removed %d upload folder(s) left by processes that died", removed)
+        app.state.upload_area = storage.open_upload_area()
         if settings.run_migrations:
             await run_in_threadpool(run_migrations, settings)
         db = Database(settings)
         app.state.db = db
         app.state.read_pool = make_read_pool(settings)
         app.state.storage = storage
-        app.state.dispatcher = make_dispatcher(settings, db)
+        app.state.job_queue = make_queue(settings, db)
         # The image scanner pulls in torch: import it now rather than during the first upload.
         await run_in_threadpool(_warm_up)
-        await run_in_threadpool(app.state.dispatcher.recover, db)
+        await run_in_threadpool(app.state.job_queue.recover, db)
+        app.state.reaper = Reaper(settings, db, storage, app.state.job_queue).start()
         log.info("sp2ot API ready (database %s, workers %s, data dir %s)",
-                 db.engine.dialect.name, app.state.dispatcher.mode, settings.data_dir)
+                 db.engine.dialect.name, app.state.job_queue.mode, settings.data_dir)
         try:
             yield
         finally:
-            app.state.dispatcher.shutdown()
+            await run_in_threadpool(app.state.reaper.stop)
+            app.state.job_queue.shutdown()
             if app.state.read_pool is not None:
                 await app.state.read_pool.close()
             db.dispose()
+            app.state.upload_area.close()
 
     app = FastAPI(
         title="sp2ot",

@@ -63,7 +63,10 @@ class ApiKey(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
-    __table_args__ = (Index("ix_datasets_owner_created", "owner_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_datasets_owner_created", "owner_id", "created_at"),
+        Index("ix_datasets_last_used", "last_used_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
@@ -75,6 +78,8 @@ class Dataset(Base):
     n_images: Mapped[int] = mapped_column(Integer, default=0)
     skipped: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When it was uploaded or a job was last created from it (retention: SP2OT_DATASET_TTL_DAYS).
+    last_used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Job(Base):

@@ -183,9 +183,20 @@ class WorkersHealth(BaseModel):
     detail: str | None = None
 
 
+class JobsHealth(BaseModel):
+    ok: bool
+    without_worker: int = Field(
+        description="Running jobs whose worker stopped answering (heartbeat older than SP2OT_HEARTBEAT_TIMEOUT); "
+        "the reaper re-queues or ends them within SP2OT_REAPER_INTERVAL."
+    )
+    without_worker_ids: list[str] = Field([], description="Their ids (the first 20).")
+    detail: str | None = None
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded", "down"]
     version: str
     database: ComponentHealth
     broker: ComponentHealth
     workers: WorkersHealth
+    jobs: JobsHealth

@@ -8,7 +8,8 @@ conftest.py). What they need from this machine:
   created for the test session and dropped after;
 * Redis on 127.0.0.1:6379 (``SP2OT_TEST_REDIS``, default ``redis://127.0.0.1:6379/0``): every
   key of the session carries a unique prefix (removed after), and the queue name is unique;
-* a Celery worker subprocess (``python -m app.cli worker --pool solo``) started by the tests.
+* a Celery worker subprocess (``python -m app.cli worker --pool solo``, which execs
+  ``celery -A worker.celery_app worker``) started by the tests.
 
 Tests needing PostgreSQL or Redis skip, with the reason, when these do not answer.
 """
@@ -202,18 +203,31 @@ def redis_available() -> str | None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session (dropped afterwards)."""
+    with fresh_database("sp2ot_test") as url:
+        yield url
+
+
+@contextmanager
+def fresh_database(prefix: str = "sp2ot_db") -> Iterator[str]:
+    """A new, empty PostgreSQL database (dropped afterwards): for tests whose reaper or
+    hand-made job rows must not meet the jobs of the session's other API instances."""
     reason = postgres_available()
     if reason:
         pytest.skip(reason)
-    name = f"sp2ot_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with _pg_admin() as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
     try:
-        yield f"{base}/{name}"
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
         with _pg_admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_pg() -> Iterator[str]:
+    with fresh_database("sp2ot_fresh") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -276,18 +290,20 @@ def subprocess_env(env: dict[str, str]) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """A real Celery worker (``python -m app.cli worker --pool solo``) in its own process group."""
+    """A real Celery worker (``python -m app.cli worker``, solo pool unless told) in its own
+    process group."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, name: str):
+    def __init__(self, env: dict[str, str], log_path: Path, name: str, pool: str = "solo"):
         self.env = env
         self.log_path = log_path
         self.name = name
+        self.pool = pool
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--pool", "solo", "--loglevel", "INFO",
+            [sys.executable, "-m", "app.cli", "worker", "--pool", self.pool, "--loglevel", "INFO",
              "--hostname", f"{self.name}@%h"],
             cwd=str(REPO), env=subprocess_env(self.env), stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -382,6 +398,59 @@ def api_client(settings, client_host: str = "127.0.0.1"):
 
     with TestClient(create_app(settings), raise_server_exceptions=False, client=(client_host, 40000)) as client:
         yield client
+
+
+def unit_database(env: dict[str, str]):
+    """Settings and a migrated Database for in-process checks (the caller disposes of it)."""
+    from app.core.db import Database, run_migrations
+
+    settings = settings_from(env)
+    settings.ensure_dirs()
+    run_migrations(settings)
+    return settings, Database(settings)
+
+
+@pytest.fixture
+def sqlite_db(tmp_path, monkeypatch):
+    """Settings + Database on a SQLite file of its own, with the fake estimator in-process."""
+    monkeypatch.setenv("SP2OT_FAKE_STEP_DELAY", "0.01")
+    settings, db = unit_database(service_env(data_dir=tmp_path, estimator="service_fixtures:FakeClustering"))
+    yield settings, db
+    db.dispose()
+
+
+def make_job_row(settings, db, n_images: int = 9, *, owner_id: int | None = None, epochs: int = 1,
+                 **columns) -> str:
+    """A job on ``n_images`` extracted images, inserted directly (``columns`` override the
+    defaults: status, attempts, heartbeat_at, ...). Returns its id."""
+    from app import crud
+    from app.archives import prepare_upload
+    from app.models import Job, new_id
+    from app.storage import Storage
+
+    storage = Storage(settings)
+    job_id = new_id()
+    archive = settings.tmp_dir / f"{job_id}.zip"
+    archive.write_bytes(make_zip(image_set(n_images)))
+    prepared = prepare_upload(archive, storage.job_dir(job_id) / "images", settings)
+    archive.unlink()
+    with db.session() as s:
+        if owner_id is None:
+            owner_id = crud.create_api_key(s, "unit")[0].id
+        s.add(Job(**{"id": job_id, "owner_id": owner_id, "input_path": storage.rel(prepared.root),
+                     "n_images": prepared.n_images, "n_clusters": 3, "backbone": "efficientnet_lite0",
+                     "mode": "fast", "epochs": epochs, "formulation": "sp2ot", "seed": 0, "input_skipped": [],
+                     "progress": {}, **columns}))
+        s.commit()
+    return job_id
+
+
+def job_state(db, job_id: str):
+    """The job's row (a detached ORM object), or None."""
+    from app.models import Job
+
+    with db.session() as s:
+        return s.get(Job, job_id)
 
 
 def files_under(path: Path) -> list[str]:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 
 import pytest
 from sqlalchemy import create_engine, inspect
 
 pytest.register_assert_rewrite("service_fixtures")
 from service_fixtures import (  # noqa: E402
-    PG_ADMIN_URL,
     REPO,
-    _pg_admin,
     service_env,
     settings_from,
     subprocess_env,
@@ -34,23 +31,6 @@ def _diff(url: str) -> list:
             return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def fresh_pg():
-    from service_fixtures import postgres_available
-
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-    name = f"sp2ot_mig_{uuid.uuid4().hex[:10]}"
-    with _pg_admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with _pg_admin() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_postgres_migrations_match_models_and_run_concurrently(fresh_pg, tmp_path):
@@ -77,4 +57,35 @@ def test_sqlite_migrations_match_models_and_downgrade(tmp_path):
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     engine.dispose()
     run_migrations(settings)
+    assert _diff(settings.sqlalchemy_url) == []
+
+
+def test_last_used_of_existing_datasets_is_filled_in(tmp_path):
+    """0002 adds datasets.last_used_at: the newest job's creation, else the upload's."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from app.core.db import alembic_config, run_migrations
+
+    settings = settings_from(service_env(data_dir=tmp_path))
+    command.upgrade(alembic_config(settings.sqlalchemy_url), "0001_initial")
+    engine = create_engine(settings.sqlalchemy_url)
+    job = ("INSERT INTO jobs (id, owner_id, dataset_id, input_path, owns_input, input_name, n_clusters, backbone, "
+           "mode, formulation, seed, has_truth, n_images, input_skipped, status, cancel_requested, attempts, "
+           "progress, created_at) VALUES (:id, 1, :ds, 'x', 0, 'x', 2, 'b', 'fast', 'sp2ot', 0, 0, 1, '[]', "
+           "'succeeded', 0, 1, '{}', :at)")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                          "VALUES (1, 'k', 'h', 'p', '2024-01-01 00:00:00')"))
+        for ds in ("used", "unused"):
+            conn.execute(text("INSERT INTO datasets (id, owner_id, name, files_path, archive_bytes, "
+                              "uncompressed_bytes, n_images, skipped, created_at) VALUES "
+                              "(:id, 1, 'd', 'x', 0, 0, 1, '[]', '2024-01-01 00:00:00')"), {"id": ds})
+        conn.execute(text(job), {"id": "j1", "ds": "used", "at": "2024-03-01 00:00:00"})
+        conn.execute(text(job), {"id": "j2", "ds": "used", "at": "2024-05-01 00:00:00"})
+    run_migrations(settings)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, last_used_at FROM datasets")).all())
+    engine.dispose()
+    assert {k: str(v)[:10] for k, v in rows.items()} == {"used": "2024-05-01", "unused": "2024-01-01"}
     assert _diff(settings.sqlalchemy_url) == []

@@ -389,7 +389,7 @@ def test_labels_csv_streams_many_rows_in_order(api):
 
     from app import crud
     from app.models import Job, JobStatus, new_id
-    from worker.tasks import bulk_insert_assignments
+    from app.jobs.repository import bulk_insert_assignments
 
     db = api["db"]
     n = 12_345

@@ -1,1 +1,1 @@
-"""Celery worker of the sp2ot service: a thin layer over ``sp2ot_engine.SP2OTClustering``."""
+"""Celery worker of the sp2ot service: ``worker.celery_app``, a thin shell over ``app.jobs.runner``."""

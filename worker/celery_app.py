@@ -1,68 +1,53 @@
-"""The Celery application (``celery -A worker.celery_app worker``, or ``sp2ot worker``).
+"""The Celery worker: the Celery app and its one task, a thin shell over
+:func:`app.jobs.runner.execute_job`. Run it with ``sp2ot worker`` (which starts
+``celery -A worker.celery_app worker`` with the service's options).
 
-Reliability settings: tasks are acknowledged only when finished (``acks_late``) and given
-back to the queue if the worker process is lost, a worker holds one task at a time
-(``worker_prefetch_multiplier=1``), and a task whose worker died is delivered again after
-``SP2OT_BROKER_VISIBILITY_TIMEOUT`` seconds (Redis). The task itself is idempotent
-(see ``worker/tasks.py``).
+The app's configuration and the task's name are the API's (``app.jobs.queue``); what a run
+guarantees is described in ``app/jobs/runner.py``.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
 # Idle OpenMP threads sleep instead of spinning (see app/cli.py); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from celery import Celery, signals
+from celery import signals  # noqa: E402
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings, get_settings  # noqa: E402
+from app.core.db import Database, run_migrations  # noqa: E402
+from app.jobs.queue import RUN_JOB_TASK, make_celery  # noqa: E402
+from app.jobs.runner import execute_job  # noqa: E402
 
 log = logging.getLogger("sp2ot.worker")
 
-
-def celery_config(settings: Settings) -> dict:
-    transport = {
-        "visibility_timeout": settings.visibility_timeout,
-        "unacked_restore_interval": settings.broker_restore_interval,
-        "unacked_restore_throttle": 1,
-        "socket_connect_timeout": 5,
-        "socket_timeout": 30,
-    }
-    if settings.broker_key_prefix:
-        transport["global_keyprefix"] = settings.broker_key_prefix
-    return dict(
-        broker_url=settings.broker_url or "memory://",
-        broker_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=5,
-        result_backend=None,
-        task_ignore_result=True,
-        task_default_queue=settings.queue,
-        task_serializer="json",
-        accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
-        worker_concurrency=settings.worker_concurrency,
-        task_soft_time_limit=settings.task_soft_time_limit,
-        task_time_limit=settings.task_time_limit,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        enable_utc=True,
-    )
-
-
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("sp2ot", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    return app
-
-
-celery_app = Celery("sp2ot", include=["worker.tasks"])
-celery_app.conf.update(celery_config(get_settings()))
+celery_app = make_celery(get_settings(), set_as_current=True)
 app = celery_app  # `celery -A worker.celery_app` finds `app` / `celery_app`
+
+_db: Database | None = None
+_db_pid: int | None = None
+_db_lock = threading.Lock()
+
+
+def worker_database(settings: Settings) -> Database:
+    """One engine per worker process (a forked pool process makes its own)."""
+    global _db, _db_pid
+    with _db_lock:
+        if _db is None or _db_pid != os.getpid():
+            _db, _db_pid = Database(settings), os.getpid()
+        return _db
+
+
+@celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(self, job_id: str) -> str:
+    """Run the job. A message for a job another live worker runs (a duplicate delivery) is
+    acknowledged and dropped: if that worker dies, the API's reaper queues the job again."""
+    settings = get_settings()
+    return execute_job(
+        job_id, db=worker_database(settings), settings=settings, worker_name=self.request.hostname or "celery"
+    )
 
 
 @signals.worker_init.connect
@@ -71,18 +56,8 @@ def _migrate_on_start(**_kwargs) -> None:
     settings = get_settings()
     settings.ensure_dirs()
     if settings.run_migrations:
-        from app.core.db import run_migrations
-
         run_migrations(settings)
     log.info(
         "sp2ot worker: queue=%s device=%s visibility_timeout=%ss",
         settings.queue, settings.device, settings.visibility_timeout,
     )
-
-
-@signals.worker_process_init.connect
-def _fresh_connections(**_kwargs) -> None:
-    """A forked pool process must not reuse the parent's database connections."""
-    from worker import tasks
-
-    tasks.reset_database()

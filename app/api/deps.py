@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,8 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from app import crud
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database
-from app.core.security import hash_api_key
-from app.crud import Owner
+from app.core.security import Owner, hash_api_key
 from app.errors import ApiError
 from app.storage import Storage
 
@@ -31,6 +31,11 @@ async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+async def get_upload_dir(request: Request) -> Path:
+    """Where this process receives uploads (its ``UploadArea``)."""
+    return request.app.state.upload_area.path
+
+
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.db.session() as session:
         yield session
@@ -44,6 +49,7 @@ def get_read_session(request: Request) -> Iterator[Session]:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+UploadDirDep = Annotated[Path, Depends(get_upload_dir)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 

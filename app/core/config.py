@@ -87,13 +87,28 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(6 * 3600 + 300, ge=1, description="Hard limit: the worker process is killed.")
     heartbeat_interval: float = Field(5.0, gt=0, description="A running job's worker refreshes its heartbeat this often.")
     heartbeat_timeout: float = Field(
-        60.0, gt=0, description="A running job whose heartbeat is older is considered abandoned and taken over."
+        60.0, gt=0, description="A running job whose heartbeat is older has lost its worker: the reaper re-queues "
+        "it (or ends it, when it was cancelled or its attempts are used up)."
     )
     max_attempts: int = Field(
         3, ge=1, description="A job whose worker died this many times (crash, out of memory, hard time limit) fails."
     )
+    reaper_interval: float = Field(
+        15.0, gt=0, description="Seconds between two passes of the API process's reaper: it re-queues running jobs "
+        "whose heartbeat is older than heartbeat_timeout (their worker is gone) and applies the retention settings.",
+    )
     progress_interval: float = Field(0.5, ge=0, description="Minimum seconds between two progress writes.")
     cancel_check_interval: float = Field(0.5, ge=0, description="Minimum seconds between two cancel-flag reads.")
+
+    # --- retention ------------------------------------------------------------------------
+    job_ttl_days: float = Field(
+        0, ge=0, description="Finished jobs (their results and files) are deleted this many days after they "
+        "finished. 0 = kept until deleted.",
+    )
+    dataset_ttl_days: float = Field(
+        0, ge=0, description="Datasets no job was created from for this many days are deleted, unless a queued or "
+        "running job uses them. 0 = kept until deleted.",
+    )
 
     # --- engine ---------------------------------------------------------------------------
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")

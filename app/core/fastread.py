@@ -1,25 +1,22 @@
 """Reads on the event loop for the hottest requests (``GET /jobs/{id}`` and API-key lookups)
 on PostgreSQL: a small pool of psycopg ``AsyncConnection`` in autocommit mode, prepared
 statements, no thread-pool hop and no ORM. Other databases (SQLite) use the thread pool.
+The job query is the job repository's (``app.jobs.repository.get_job_async``).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from app.core.config import Settings
-from app.crud import Owner
-from app.core.security import hash_api_key
-from app.models import ApiKey, Job
+from app.core.security import Owner, hash_api_key
+from app.models import ApiKey
 
 log = logging.getLogger("sp2ot.db")
 
-_JOB_COLUMNS = ", ".join(c.name for c in Job.__table__.c)
-JOB_SQL = f"SELECT {_JOB_COLUMNS} FROM {Job.__tablename__} WHERE id = %s AND owner_id = %s"
 KEY_SQL = f"SELECT id, name FROM {ApiKey.__tablename__} WHERE key_hash = %s AND revoked_at IS NULL"
 
 
@@ -29,7 +26,7 @@ class AsyncReadPool:
         self._idle: list[Any] = []
         self._slots = asyncio.Semaphore(size)
 
-    async def fetchone(self, sql: str, params: tuple) -> dict[str, Any] | None:
+    async def fetchone(self, sql: str, params: tuple | dict[str, Any]) -> dict[str, Any] | None:
         import psycopg
         from psycopg.rows import dict_row
 
@@ -58,10 +55,6 @@ class AsyncReadPool:
                 pass
 
     # --- the queries ------------------------------------------------------------------------
-    async def job(self, owner: Owner, job_id: str) -> SimpleNamespace | None:
-        row = await self.fetchone(JOB_SQL, (job_id, owner.id))
-        return SimpleNamespace(**row) if row is not None else None
-
     async def owner_for_key(self, key: str) -> Owner | None:
         row = await self.fetchone(KEY_SQL, (hash_api_key(key),))
         return Owner(row["id"], row["name"]) if row is not None else None

@@ -1,4 +1,4 @@
-"""API keys: generation and hashing.
+"""API keys: generation and hashing; the caller's identity (:class:`Owner`).
 
 A key is 32 random bytes (``sp2ot_`` + urlsafe base64). Only its sha256 is stored: with
 that much entropy a plain hash is as safe as a slow password hash and lets a request be
@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 
 KEY_PREFIX = "sp2ot_"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who makes a request: the API key's row id and name. Every dataset and job belongs to one."""
+
+    id: int
+    name: str
 
 
 def generate_api_key() -> str:

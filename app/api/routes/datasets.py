@@ -14,12 +14,13 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep, UploadDirDep
 from app.archives import prepare_upload
 from app.core.config import Settings
 from app.core.db import Database
-from app.crud import Owner
+from app.core.security import Owner
 from app.errors import Conflict, NotFound, UploadRejected
+from app.jobs import repository
 from app.models import Dataset, new_id
 from app.schemas import DatasetList, DatasetOut, ErrorOut
 from app.storage import Storage
@@ -83,11 +84,11 @@ def _create(db: Database, settings: Settings, storage: Storage, owner: Owner, fo
     responses={401: ERRORS[401], 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
 )
 async def create_dataset(request: Request, owner: OwnerDep, settings: SettingsDep, db: DatabaseDep,
-                         storage: StorageDep):
+                         storage: StorageDep, upload_dir: UploadDirDep):
     """Upload an archive of images: it is checked, extracted and scanned once; then create
     jobs on it with `POST /jobs` `{"dataset_id": ..., "n_clusters": ...}`."""
     form = await receive_multipart(
-        request, storage.tmp, max_bytes=settings.max_upload_bytes,
+        request, upload_dir, max_bytes=settings.max_upload_bytes,
         file_fields={"archive": settings.max_upload_bytes}, text_fields={"name"},
         chunk_bytes=settings.upload_chunk_bytes,
     )
@@ -126,14 +127,13 @@ def delete_dataset(dataset_id: str, owner: OwnerDep, session: SessionDep, storag
     """Delete a dataset and its files. 409 while a queued or running job uses it; finished
     jobs keep their results (their `dataset_id` becomes null)."""
     ds = _get_or_404(session, owner, dataset_id, for_update=True)
-    active = crud.active_jobs_of_dataset(session, ds.id)
+    active = repository.active_job_ids(session, dataset_id=ds.id)
     if active:
-        ids = ", ".join(j.id for j in active[:5])
         raise Conflict(
-            f"Dataset {ds.id} is used by {len(active)} queued or running job(s) ({ids}). "
+            f"Dataset {ds.id} is used by {len(active)} queued or running job(s) ({', '.join(active[:5])}). "
             "Cancel them (POST /jobs/{id}/cancel) or wait until they finish, then delete the dataset."
         )
-    session.delete(ds)
+    crud.delete_dataset(session, ds)
     session.commit()
     storage.remove_dataset_files(ds.id)
     return Response(status_code=204)

@@ -12,18 +12,26 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import (
+    DatabaseDep,
+    OwnerDep,
+    ReadSessionDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    UploadDirDep,
+)
 from app.archives import parse_truth, prepare_upload, write_truth
 from app.core.config import Settings
 from app.core.db import Database
-from app.crud import Owner
+from app.core.security import Owner
 from app.errors import ApiError, Conflict, NotFound, UploadRejected
-from app.models import Assignment, Dataset, Job, JobStatus, new_id
+from app.jobs import repository
+from app.jobs.repository import JobRecord
+from app.models import Dataset, JobStatus, new_id
 from app.options import resolve_options
 from app.schemas import (
     ErrorOut,
@@ -52,8 +60,7 @@ def job_links(request: Request, job_id: str) -> dict[str, str]:
     return {"self": base, "labels": f"{base}/labels.csv", "metrics": f"{base}/metrics", "cancel": f"{base}/cancel"}
 
 
-def job_out(request: Request, job) -> JobOut:
-    """``job``: a Job or a row with the same attributes."""
+def job_out(request: Request, job: JobRecord) -> JobOut:
     return JobOut.model_validate({
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
         "n_images": job.n_images,
@@ -66,8 +73,8 @@ def job_out(request: Request, job) -> JobOut:
     })
 
 
-def _get_job_or_404(session, owner: Owner, job_id: str) -> Job:
-    job = crud.get_job(session, owner, job_id)
+def _get_job_or_404(session, owner: Owner, job_id: str) -> JobRecord:
+    job = repository.get_job(session, owner, job_id)
     if job is None:
         raise NotFound(f"No job {job_id!r} for this API key. List your jobs with GET /jobs.")
     return job
@@ -129,29 +136,14 @@ def _check_k(n_clusters: int, n_images: int) -> None:
         )
 
 
-def _replay(request: Request, job: Job) -> JSONResponse:
+def _replay(request: Request, job: JobRecord) -> JSONResponse:
     return JSONResponse(job_out(request, job).model_dump(mode="json"), status_code=200,
                         headers={"Idempotent-Replayed": "true", "Location": job_links(request, job.id)["self"]})
 
 
-def _find_idempotent(db: Database, owner: Owner, key: str) -> Job | None:
+def _find_idempotent(db: Database, owner: Owner, key: str) -> JobRecord | None:
     with db.session() as s:
-        return crud.job_by_idempotency_key(s, owner, key)
-
-
-def _commit_job(s, job: Job, idem_key: str | None, owner: Owner) -> tuple[Job, bool]:
-    """Insert and commit; when the idempotency key was used concurrently, return that job."""
-    s.add(job)
-    try:
-        s.commit()
-    except IntegrityError:
-        s.rollback()
-        existing = crud.job_by_idempotency_key(s, owner, idem_key) if idem_key else None
-        if existing is None:
-            raise
-        return existing, False
-    s.refresh(job)
-    return job, True
+        return repository.find_by_idempotency_key(s, owner, key)
 
 
 def _image_names_of_folder(root) -> list[str]:
@@ -165,7 +157,7 @@ def _image_names_of_folder(root) -> list[str]:
 
 def _create_from_upload(
     db: Database, settings: Settings, storage: Storage, owner: Owner, form: ReceivedForm, idem_key: str | None
-) -> tuple[Job, bool]:
+) -> tuple[JobRecord, bool]:
     """Runs in a worker thread: extract + scan + validate, then the job row. Cleans up on error."""
     params = _parse_params({k: v for k, v in form.fields.items() if k != "dataset_id"})
     opts = resolve_options(params, settings)
@@ -190,13 +182,12 @@ def _create_from_upload(
             os.replace(prepared.root, job_dir / "images")
             if truth_rows is not None:
                 write_truth(truth_rows, storage.truth_path(job_id))
-            job = Job(
-                id=job_id, owner_id=owner.id, idempotency_key=idem_key, input_path=storage.rel(job_dir / "images"),
-                owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=prepared.n_images,
-                input_skipped=[list(x) for x in prepared.skipped], has_truth=truth_rows is not None, **opts,
-            )
             with db.session() as s:
-                job, created = _commit_job(s, job, idem_key, owner)
+                job, created = repository.create_job(
+                    s, owner, id=job_id, idempotency_key=idem_key, input_path=storage.rel(job_dir / "images"),
+                    owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=prepared.n_images,
+                    input_skipped=[list(x) for x in prepared.skipped], has_truth=truth_rows is not None, **opts,
+                )
         else:
             with db.session() as s:
                 # The dataset row stays locked until the job is committed: it cannot be deleted meanwhile.
@@ -211,8 +202,7 @@ def _create_from_upload(
                     truth_rows = parse_truth(truth.path, sorted(names))
                     job_dir.mkdir(parents=True)
                     write_truth(truth_rows, storage.truth_path(job_id))
-                job = _dataset_job(job_id, owner, ds, idem_key, opts, truth_rows is not None)
-                job, created = _commit_job(s, job, idem_key, owner)
+                job, created = _create_dataset_job(s, job_id, owner, ds, idem_key, opts, truth_rows is not None)
         if not created:
             storage.remove_job_files(job_id)
         return job, created
@@ -221,16 +211,19 @@ def _create_from_upload(
         raise
 
 
-def _dataset_job(job_id: str, owner: Owner, ds: Dataset, idem_key: str | None, opts: dict, has_truth: bool) -> Job:
-    return Job(
-        id=job_id, owner_id=owner.id, dataset_id=ds.id, idempotency_key=idem_key, input_path=ds.files_path,
+def _create_dataset_job(s, job_id: str, owner: Owner, ds: Dataset, idem_key: str | None, opts: dict,
+                        has_truth: bool) -> tuple[JobRecord, bool]:
+    """A job on the locked dataset ``ds``; commits (which releases the lock)."""
+    crud.mark_dataset_used(ds)
+    return repository.create_job(
+        s, owner, id=job_id, dataset_id=ds.id, idempotency_key=idem_key, input_path=ds.files_path,
         owns_input=False, input_name=ds.name, n_images=ds.n_images, input_skipped=list(ds.skipped or []),
         has_truth=has_truth, **opts,
     )
 
 
 def _create_from_dataset(db: Database, settings: Settings, storage: Storage, owner: Owner,
-                         body: JobFromDataset, idem_key: str | None) -> tuple[Job, bool]:
+                         body: JobFromDataset, idem_key: str | None) -> tuple[JobRecord, bool]:
     opts = resolve_options(body, settings)
     with db.session() as s:
         # Locks the dataset row so that it cannot be deleted while the job is being created.
@@ -238,7 +231,7 @@ def _create_from_dataset(db: Database, settings: Settings, storage: Storage, own
         if ds is None:
             raise NotFound(f"No dataset {body.dataset_id!r} for this API key. List them with GET /datasets.")
         _check_k(body.n_clusters, ds.n_images)
-        return _commit_job(s, _dataset_job(new_id(), owner, ds, idem_key, opts, False), idem_key, owner)
+        return _create_dataset_job(s, new_id(), owner, ds, idem_key, opts, False)
 
 
 @router.post(
@@ -261,6 +254,7 @@ async def create_job(
     settings: SettingsDep,
     db: DatabaseDep,
     storage: StorageDep,
+    upload_dir: UploadDirDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ):
     """Upload images and start clustering them.
@@ -292,7 +286,7 @@ async def create_job(
         job, created = await run_in_threadpool(_create_from_dataset, db, settings, storage, owner, body, idempotency_key)
     elif ctype == "multipart/form-data":
         form = await receive_multipart(
-            request, storage.tmp, max_bytes=settings.max_upload_bytes,
+            request, upload_dir, max_bytes=settings.max_upload_bytes,
             file_fields={"archive": settings.max_upload_bytes, "truth": settings.max_truth_bytes},
             text_fields=TEXT_FIELDS, chunk_bytes=settings.upload_chunk_bytes,
         )
@@ -310,7 +304,7 @@ async def create_job(
     if not created:
         return _replay(request, job)
     try:
-        await run_in_threadpool(request.app.state.dispatcher.submit, job.id)
+        await run_in_threadpool(request.app.state.job_queue.submit, job.id)
     except Exception:
         await run_in_threadpool(_delete_job_everything, db, storage, job.id)
         raise
@@ -334,7 +328,7 @@ async def _read_small_body(request: Request, limit: int) -> bytes:
 
 def _delete_job_everything(db: Database, storage: Storage, job_id: str) -> None:
     with db.begin() as s:
-        crud.delete_job_rows(s, job_id)
+        repository.delete_job(s, job_id)
     storage.remove_job_files(job_id)
 
 
@@ -358,7 +352,7 @@ def list_jobs(
             raise UploadRejected(
                 f"Unknown status {', '.join(sorted(bad))}. Use one of: {', '.join(JobStatus.ALL)}."
             )
-    rows, total = crud.list_jobs(session, owner, limit, offset, statuses, dataset_id)
+    rows, total = repository.list_jobs(session, owner, limit, offset, statuses, dataset_id)
     return JobList(items=[job_out(request, j) for j in rows], total=total, limit=limit, offset=offset)
 
 
@@ -370,15 +364,20 @@ async def get_job(job_id: str, request: Request, owner: OwnerDep, db: DatabaseDe
     # (app.core.fastread), else in one thread-pool hop.
     pool = request.app.state.read_pool
     if pool is not None:
-        job = await pool.job(owner, job_id)
+        job = await repository.get_job_async(pool, owner, job_id)
     else:
-        job = await run_in_threadpool(crud.get_job_row, db, owner, job_id)
+        job = await run_in_threadpool(_read_job, db, owner, job_id)
     if job is None:
         raise NotFound(f"No job {job_id!r} for this API key. List your jobs with GET /jobs.")
     return JSONResponse(job_out(request, job).model_dump(mode="json"))
 
 
-def _require_success(job: Job, what: str) -> None:
+def _read_job(db: Database, owner: Owner, job_id: str) -> JobRecord | None:
+    with db.read_engine.connect() as conn:
+        return repository.get_job(conn, owner, job_id)
+
+
+def _require_success(job: JobRecord, what: str) -> None:
     if job.status == JobStatus.SUCCEEDED:
         return
     if job.status in JobStatus.ACTIVE:
@@ -418,12 +417,7 @@ async def _stream_labels(db: Database, job_id: str):
     stays flat whatever the number of images."""
     session = db.session()
     try:
-        stmt = (
-            select(Assignment.filename, Assignment.cluster, Assignment.confidence)
-            .where(Assignment.job_id == job_id)
-            .order_by(Assignment.idx)
-            .execution_options(yield_per=CSV_BATCH)
-        )
+        stmt = repository.labels_query(job_id).execution_options(yield_per=CSV_BATCH)
         result = await run_in_threadpool(session.execute, stmt)
         yield b"filename,cluster,confidence\r\n"
         while True:
@@ -480,7 +474,7 @@ def cancel_job(job_id: str, request: Request, owner: OwnerDep, session: SessionD
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Conflict(f"Job {job.id} already {job.status}; there is nothing to cancel. Delete it with DELETE /jobs/{job.id}.")
     if job.status in JobStatus.ACTIVE:
-        job = crud.request_cancel(session, job)
+        job = repository.request_cancel(session, job.id) or job
     return job_out(request, job)
 
 
@@ -489,7 +483,7 @@ def delete_job(job_id: str, owner: OwnerDep, session: SessionDep, storage: Stora
     """Delete a job, its results and its uploaded files. A running job is stopped first (its
     worker notices the job is gone within about a second). A dataset used by the job is kept."""
     job = _get_job_or_404(session, owner, job_id)
-    crud.delete_job_rows(session, job.id)
+    repository.delete_job(session, job.id)
     session.commit()
     # The job folder holds its own images (archive upload) and truth CSV; a dataset's images
     # live in the dataset's folder and are kept.

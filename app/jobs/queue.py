@@ -1,6 +1,15 @@
-"""Handing jobs to workers: a Celery queue, or threads inside the API process.
+"""Handing jobs to workers: a Celery queue (``SP2OT_BROKER_URL`` set), or threads of the API
+process (embedded mode). Both end in :func:`app.jobs.runner.execute_job`.
 
-Both run the same function, :func:`worker.tasks.execute_job`.
+The API sends the Celery task by its name, :data:`RUN_JOB_TASK`; ``worker/celery_app.py``
+registers the task under that name on an app made by :func:`make_celery`, so the API never
+imports the worker.
+
+Reliability settings of the Celery app: tasks are acknowledged only when finished
+(``acks_late``) and given back to the queue if the worker process is lost, a worker holds one
+task at a time (``worker_prefetch_multiplier=1``), and a task whose worker died is delivered
+again after ``SP2OT_BROKER_VISIBILITY_TIMEOUT`` seconds (Redis). Recovery does not wait for
+that: the API's reaper (``app.jobs.reaper``) re-queues a job whose heartbeat stopped.
 """
 from __future__ import annotations
 
@@ -13,34 +22,86 @@ from concurrent.futures import ThreadPoolExecutor
 from app.core.config import Settings
 from app.core.db import Database
 from app.errors import ApiError
+from app.jobs import repository
+from app.jobs.runner import execute_job
 
-log = logging.getLogger("sp2ot.dispatch")
+log = logging.getLogger("sp2ot.queue")
+
+RUN_JOB_TASK = "sp2ot.run_job"
 
 
 class BrokerUnavailable(ApiError):
     status_code = 503
 
 
-class Dispatcher:
+def celery_config(settings: Settings) -> dict:
+    """The Celery configuration of the API (sender) and of the workers."""
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.broker_restore_interval,
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+    }
+    if settings.broker_key_prefix:
+        transport["global_keyprefix"] = settings.broker_key_prefix
+    return dict(
+        broker_url=settings.broker_url or "memory://",
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        result_backend=None,
+        task_ignore_result=True,
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+
+
+def make_celery(settings: Settings, *, set_as_current: bool = False):
+    """A Celery app configured by :func:`celery_config` (Celery is imported on use: the
+    embedded mode does not need it)."""
+    from celery import Celery
+
+    app = Celery("sp2ot", set_as_current=set_as_current)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class JobQueue:
+    """Where the API sends a job to be run, and what it can tell about the workers."""
+
     mode = "none"
 
     def submit(self, job_id: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def workers(self) -> tuple[bool, int, list[str], str | None]:  # pragma: no cover - interface
+        """(ok, count, names, detail)."""
         raise NotImplementedError
 
     def broker(self) -> tuple[bool, str | None, float | None]:  # pragma: no cover - interface
+        """(ok, detail, latency in ms)."""
         raise NotImplementedError
 
     def recover(self, db: Database) -> None:
-        pass
+        """Called once at start-up."""
 
     def shutdown(self) -> None:
         pass
 
 
-class EmbeddedDispatcher(Dispatcher):
+class EmbeddedQueue(JobQueue):
     """Jobs run in a thread pool of the API process (``SP2OT_BROKER_URL`` empty)."""
 
     mode = "in-process"
@@ -53,8 +114,6 @@ class EmbeddedDispatcher(Dispatcher):
         self._stopping = threading.Event()
 
     def submit(self, job_id: str, *, takeover: bool = False) -> None:
-        from worker.tasks import execute_job
-
         def run() -> None:
             if self._stopping.is_set():
                 return
@@ -66,15 +125,10 @@ class EmbeddedDispatcher(Dispatcher):
         self.pool.submit(run)
 
     def recover(self, db: Database) -> None:
-        """After a restart, run again the jobs this process had queued or was running."""
-        from sqlalchemy import select
-
-        from app.models import Job, JobStatus
-
+        """After a restart, run again the jobs this process had queued or was running (its
+        threads died with it, so a running job is taken over at once)."""
         with db.session() as s:
-            ids = s.scalars(
-                select(Job.id).where(Job.status.in_(JobStatus.ACTIVE)).order_by(Job.created_at)
-            ).all()
+            ids = repository.active_job_ids(s)
         for job_id in ids:
             log.info("resuming job %s after a restart", job_id)
             self.submit(job_id, takeover=True)
@@ -90,19 +144,17 @@ class EmbeddedDispatcher(Dispatcher):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class CeleryDispatcher(Dispatcher):
+class CeleryQueue(JobQueue):
     mode = "celery"
 
     def __init__(self, settings: Settings):
-        from worker.celery_app import make_celery
-
         self.settings = settings
         self.app = make_celery(settings)
 
     def submit(self, job_id: str) -> None:
         try:
             self.app.send_task(
-                "sp2ot.run_job",
+                RUN_JOB_TASK,
                 args=[job_id],
                 queue=self.settings.queue,
                 task_id=f"job-{job_id}-{int(time.time() * 1000)}",
@@ -137,7 +189,7 @@ class CeleryDispatcher(Dispatcher):
     # would break another app instance of the same process (tests); the process exit closes them.
 
 
-def make_dispatcher(settings: Settings, db: Database) -> Dispatcher:
+def make_queue(settings: Settings, db: Database) -> JobQueue:
     if settings.embedded:
-        return EmbeddedDispatcher(settings, db)
-    return CeleryDispatcher(settings)
+        return EmbeddedQueue(settings, db)
+    return CeleryQueue(settings)

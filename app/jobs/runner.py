@@ -1,19 +1,20 @@
-"""The job runner: ``run_job(job_id)`` (Celery task) and :func:`execute_job` (the same work,
-also used by the in-process worker threads of the API).
+"""Runs one attempt of a job: :func:`execute_job`, called by the Celery task
+(``worker/celery_app.py``) and by the API's embedded worker threads (``app.jobs.queue``).
 
-Guarantees:
+Guarantees (the state changes themselves are :mod:`app.jobs.repository`'s):
 
 * **idempotent**: a job is run only from ``queued`` (or ``running`` with a stale heartbeat,
-  i.e. its worker died); a terminal job is never run again;
+  i.e. its worker died); a final job is never run again;
 * **attempt token**: each start increments ``jobs.attempts``; every later write of this run
   (progress, heartbeat, result) is conditional on that number, so a superseded run (its
   worker was presumed dead, or the job was deleted) writes nothing and stops;
 * **one transaction** finalises a success: the status update, the deletion of any earlier
-  assignment rows and the bulk insert (``COPY`` on PostgreSQL) of the new ones;
+  assignment rows and the bulk insert of the new ones;
 * **progress** is written at most every ``progress_interval`` seconds (and at each stage
   change); the cancel flag is read at most every ``cancel_check_interval`` seconds, from
   the engine's ``should_stop`` callback, i.e. between training steps;
-* a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds.
+* a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds; when
+  it stops (the worker died), the API's reaper ends or re-queues the job.
 """
 from __future__ import annotations
 
@@ -21,59 +22,24 @@ import gc
 import importlib
 import logging
 import math
-import os
+import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
-
 from app.archives import read_truth
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 from app.core.db import Database
-from app.models import Assignment, Job, JobStatus, utcnow
+from app.jobs import repository
+from app.models import JobStatus
 from app.storage import Storage
-from worker.celery_app import celery_app
 
 log = logging.getLogger("sp2ot.worker")
 
 MAX_SKIPPED_REPORTED = 1000
 _PROGRESS_KEYS = ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
 
-_db: Database | None = None
-_db_pid: int | None = None
-_db_lock = threading.Lock()
 
-
-def reset_database() -> None:
-    global _db, _db_pid
-    _db, _db_pid = None, None
-
-
-def worker_database(settings: Settings) -> Database:
-    """One engine per worker process (recreated after a fork)."""
-    global _db, _db_pid
-    with _db_lock:
-        if _db is None or _db_pid != os.getpid():
-            _db, _db_pid = Database(settings), os.getpid()
-        return _db
-
-
-@celery_app.task(name="sp2ot.run_job", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(self, job_id: str) -> str:
-    settings = get_settings()
-    outcome = execute_job(
-        job_id, db=worker_database(settings), settings=settings, worker_name=self.request.hostname or "celery"
-    )
-    if outcome == "busy":
-        # Another live worker runs it (a redelivery while it is still working): look again
-        # later, in case that worker dies; this message is acknowledged.
-        raise self.retry(countdown=settings.heartbeat_timeout, max_retries=None)
-    return outcome
-
-
-# ---------------------------------------------------------------------------------------------
 def _num(v: Any, kind: type) -> Any:
     if v is None:
         return None
@@ -87,6 +53,7 @@ def _num(v: Any, kind: type) -> Any:
 
 
 def clean_progress(info: dict[str, Any]) -> dict[str, Any]:
+    """The engine's progress dict reduced to the stored keys, as JSON-safe numbers."""
     out: dict[str, Any] = {}
     for k in _PROGRESS_KEYS:
         v = info.get(k)
@@ -109,12 +76,6 @@ def clean_history(history: Any) -> list[dict[str, Any]]:
             out.append({"epoch": _num(h.get("epoch"), int), "loss": _num(h.get("loss"), float),
                         "rho": _num(h.get("rho"), float)})
     return out
-
-
-def _aware(dt: datetime | None) -> datetime | None:
-    if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=timezone.utc)
-    return dt
 
 
 def load_estimator_class(path: str):
@@ -143,9 +104,6 @@ class JobRun:
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
 
-    def _mine(self):
-        return (Job.id == self.job_id, Job.attempts == self.attempt)
-
     # --- progress(info) ---------------------------------------------------------------------
     def progress(self, info: dict[str, Any]) -> None:
         try:
@@ -160,11 +118,8 @@ class JobRun:
 
     def write_progress(self, p: dict[str, Any]) -> None:
         with self.db.begin() as s:
-            res = s.execute(
-                update(Job).where(*self._mine(), Job.status == JobStatus.RUNNING)
-                .values(progress=p, heartbeat_at=utcnow())
-            )
-        if not res.rowcount:
+            current = repository.save_progress(s, self.job_id, self.attempt, p)
+        if not current:
             self.stop_reason = self.stop_reason or "superseded"
 
     # --- should_stop() ----------------------------------------------------------------------
@@ -180,14 +135,11 @@ class JobRun:
         self._last_check = now
         try:
             with self.db.read_session() as s:
-                row = s.execute(select(Job.attempts, Job.cancel_requested, Job.status).where(Job.id == self.job_id)).first()
+                reason = repository.stop_reason(s, self.job_id, self.attempt)
         except Exception:
             log.warning("job %s: cannot read the cancel flag", self.job_id, exc_info=True)
             return False
-        if row is None or row.attempts != self.attempt or row.status != JobStatus.RUNNING:
-            self.stop_reason = "superseded"
-        elif row.cancel_requested:
-            self.stop_reason = "cancel"
+        self.stop_reason = self.stop_reason or reason
         return bool(self.stop_reason)
 
     # --- heartbeat --------------------------------------------------------------------------
@@ -196,8 +148,8 @@ class JobRun:
             while not self._hb_stop.wait(self.settings.heartbeat_interval):
                 try:
                     with self.db.begin() as s:
-                        res = s.execute(update(Job).where(*self._mine()).values(heartbeat_at=utcnow()))
-                    if not res.rowcount:
+                        current = repository.beat(s, self.job_id, self.attempt)
+                    if not current:
                         self.stop_reason = self.stop_reason or "superseded"
                         return
                 except Exception:
@@ -214,79 +166,10 @@ class JobRun:
     # --- endings ----------------------------------------------------------------------------
     def finish(self, status: str, error: str | None = None, stage: str | None = None) -> bool:
         with self.db.begin() as s:
-            job = s.scalars(select(Job).where(*self._mine()).with_for_update()).first()
-            if job is None or job.status != JobStatus.RUNNING:
-                return False
-            job.status = status
-            job.error = error
-            job.finished_at = utcnow()
-            job.progress = {**(job.progress or {}), "stage": stage or status}
-        return True
+            return repository.end_attempt(s, self.job_id, self.attempt, status, error, stage)
 
 
 # ---------------------------------------------------------------------------------------------
-def _claim(db: Database, job_id: str, worker_name: str, settings: Settings, takeover: bool):
-    """Move the job to ``running`` for a new attempt. Returns (attempt, job snapshot),
-    "busy" when another live worker runs it, or None when there is nothing to do."""
-    now = utcnow()
-    with db.begin() as s:
-        job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
-        if job is None or job.status in JobStatus.TERMINAL:
-            return None
-        if job.cancel_requested:
-            job.status = JobStatus.CANCELLED
-            job.finished_at = now
-            job.progress = {**(job.progress or {}), "stage": "cancelled"}
-            return None
-        if job.status == JobStatus.RUNNING and not takeover:
-            hb = _aware(job.heartbeat_at)
-            if hb is not None and now - hb < timedelta(seconds=settings.heartbeat_timeout):
-                return "busy"
-            log.warning("job %s: previous worker %s stopped answering; starting it again", job_id, job.worker)
-        if job.attempts >= settings.max_attempts:
-            job.status = JobStatus.FAILED
-            job.finished_at = now
-            job.error = (
-                f"The job was started {job.attempts} times and its worker stopped each time (crashed, ran out of "
-                "memory or reached the hard time limit). Try fewer or smaller images, or fewer epochs."
-            )
-            job.progress = {**(job.progress or {}), "stage": "failed"}
-            log.error("job %s: giving up after %d attempts", job_id, job.attempts)
-            return None
-        job.status = JobStatus.RUNNING
-        job.attempts += 1
-        job.started_at = now
-        job.heartbeat_at = now
-        job.worker = worker_name[:255]
-        job.error = None
-        job.progress = {"stage": "loading", "percent": 0.0}
-        snapshot = {
-            "input_path": job.input_path, "n_clusters": job.n_clusters, "backbone": job.backbone,
-            "mode": job.mode, "epochs": job.epochs, "formulation": job.formulation, "seed": job.seed,
-            "has_truth": job.has_truth, "input_skipped": list(job.input_skipped or []),
-        }
-        return job.attempts, snapshot
-
-
-def bulk_insert_assignments(session, job_id: str, filenames, labels, confidences) -> None:
-    rows = ((job_id, i, str(f), int(c), float(p)) for i, (f, c, p) in enumerate(zip(filenames, labels, confidences)))
-    if session.bind.dialect.name == "postgresql":
-        raw = session.connection().connection.driver_connection  # psycopg 3, same transaction
-        with raw.cursor() as cur:
-            with cur.copy("COPY assignments (job_id, idx, filename, cluster, confidence) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        return
-    batch: list[dict[str, Any]] = []
-    for job, idx, f, c, p in rows:
-        batch.append({"job_id": job, "idx": idx, "filename": f, "cluster": c, "confidence": p})
-        if len(batch) >= 10_000:
-            session.execute(insert(Assignment), batch)
-            batch = []
-    if batch:
-        session.execute(insert(Assignment), batch)
-
-
 def _evaluation(storage: Storage, job_id: str, filenames: list[str], labels) -> dict[str, Any]:
     truth = read_truth(storage.truth_path(job_id))
     pairs = [(truth[f], int(c)) for f, c in zip(filenames, labels) if f in truth]
@@ -330,16 +213,18 @@ def execute_job(
 ) -> str:
     """Run one job to its end. Returns the outcome: succeeded, failed, cancelled,
     superseded, skipped (nothing to do) or busy (another live worker runs it)."""
-    claimed = _claim(db, job_id, worker_name, settings, takeover)
+    with db.begin() as s:
+        claimed = repository.claim(s, job_id, worker_name=worker_name, heartbeat_timeout=settings.heartbeat_timeout,
+                                   max_attempts=settings.max_attempts, takeover=takeover)
     if claimed is None:
         return "skipped"
-    if claimed == "busy":
+    if claimed == repository.BUSY:
         return "busy"
-    attempt, job = claimed
+    job = claimed.job
     storage = Storage(settings)
-    run = JobRun(db, settings, job_id, attempt)
+    run = JobRun(db, settings, job_id, claimed.attempt)
     run.start_heartbeat()
-    log.info("job %s: attempt %d started on %s", job_id, attempt, worker_name)
+    log.info("job %s: attempt %d started on %s", job_id, claimed.attempt, worker_name)
     est = None
     try:
         from sp2ot_engine import Cancelled
@@ -355,14 +240,14 @@ def execute_job(
                 torch.set_num_threads(settings.torch_threads)
             cls = load_estimator_class(settings.estimator)
             kwargs: dict[str, Any] = dict(
-                n_clusters=job["n_clusters"], backbone=job["backbone"], mode=job["mode"], epochs=job["epochs"],
-                formulation=job["formulation"], device=settings.device, seed=job["seed"],
+                n_clusters=job.n_clusters, backbone=job.backbone, mode=job.mode, epochs=job.epochs,
+                formulation=job.formulation, device=settings.device, seed=job.seed,
                 num_workers=settings.num_workers,
             )
             if settings.batch_size:
                 kwargs["batch_size"] = settings.batch_size
             est = cls(**kwargs)
-            est.fit(str(storage.abs(job["input_path"])), progress=run.progress, should_stop=run.should_stop)
+            est.fit(str(storage.abs(job.input_path)), progress=run.progress, should_stop=run.should_stop)
         except Cancelled:
             reason = run.stop_reason or "cancel"
             if reason == "cancel":
@@ -370,7 +255,7 @@ def execute_job(
             if reason == "timeout":
                 run.finish(JobStatus.FAILED, _timeout_message(settings), stage="failed")
                 return "failed"
-            log.info("job %s: attempt %d superseded or deleted; stopping", job_id, attempt)
+            log.info("job %s: attempt %d superseded or deleted; stopping", job_id, claimed.attempt)
             return "superseded"
         except SoftTimeLimitExceeded:
             run.finish(JobStatus.FAILED, _timeout_message(settings), stage="failed")
@@ -412,14 +297,12 @@ def _timeout_message(settings: Settings) -> str:
 
 
 def _free_device_memory() -> None:
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: dict[str, Any]) -> str:
+def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: repository.JobRecord) -> str:
     job_id = run.job_id
     filenames = [str(f) for f in est.filenames_]
     labels = [int(x) for x in est.labels_]
@@ -427,29 +310,23 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: dic
     if not (len(filenames) == len(labels) == len(confidences)):
         raise RuntimeError("the estimator returned lists of different lengths")
     sizes = [int(x) for x in est.cluster_sizes_]
-    skipped = _merge_skipped(job["input_skipped"], getattr(est, "skipped_", []))
+    skipped = _merge_skipped(job.input_skipped, getattr(est, "skipped_", []))
     summary = {
-        "n_images": len(filenames), "n_clusters": job["n_clusters"], "cluster_sizes": sizes,
+        "n_images": len(filenames), "n_clusters": job.n_clusters, "cluster_sizes": sizes,
         "n_skipped": len(skipped),
         "skipped": [{"name": n, "reason": r} for n, r in skipped[:MAX_SKIPPED_REPORTED]],
     }
     history = clean_history(getattr(est, "history_", []))
-    metrics = _evaluation(storage, job_id, filenames, labels) if job["has_truth"] else None
+    metrics = _evaluation(storage, job_id, filenames, labels) if job.has_truth else None
     last = history[-1] if history else {}
     progress = {"stage": "done", "percent": 100.0, "epoch": last.get("epoch"), "loss": last.get("loss"),
                 "rho": last.get("rho"), "step": None, "total_steps": None}
     with db.begin() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.attempts == run.attempt, Job.status == JobStatus.RUNNING,
-                   Job.cancel_requested.is_(False))
-            .values(status=JobStatus.SUCCEEDED, summary=summary, history=history, metrics=metrics,
-                    finished_at=utcnow(), heartbeat_at=utcnow(), progress=progress, error=None)
+        written = repository.record_success(
+            s, job_id, run.attempt, summary=summary, history=history, metrics=metrics, progress=progress,
+            filenames=filenames, labels=labels, confidences=confidences,
         )
-        if res.rowcount == 1:
-            s.execute(delete(Assignment).where(Assignment.job_id == job_id))
-            bulk_insert_assignments(s, job_id, filenames, labels, confidences)
-    if res.rowcount == 1:
+    if written:
         log.info("job %s: succeeded (%d images)", job_id, len(filenames))
         return "succeeded"
     # Cancelled at the last moment, superseded or deleted.
