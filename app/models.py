@@ -133,12 +133,55 @@ class Job(Base):
 
 
 class Assignment(Base):
-    """One clustered image of a succeeded job."""
+    """One clustered image of a succeeded job. ``cluster`` is the current cluster: the engine's,
+    or the curated one after a curation edit (``app.curation``)."""
 
     __tablename__ = "assignments"
+    __table_args__ = (
+        # Pages of a cluster by confidence, and the least confident images of a job (app.results).
+        Index("ix_assignments_job_cluster_conf", "job_id", "cluster", "confidence"),
+        Index("ix_assignments_job_conf", "job_id", "confidence"),
+    )
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     filename: Mapped[str] = mapped_column(Text)
     cluster: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[float] = mapped_column(Float)
+
+
+class ClusterName(Base):
+    """The name a person gave a cluster of a job (curation); unnamed clusters have no row."""
+
+    __tablename__ = "cluster_names"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    cluster: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(200))
+
+
+class CurationEdit(Base):
+    """One curation edit of a job (rename, merge, move), in order; undo removes the last."""
+
+    __tablename__ = "curation_edits"
+    __table_args__ = (Index("ix_curation_edits_job", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))
+    # What the edit did, enough to undo a rename: {"cluster", "name", "previous"}; for a merge
+    # {"clusters", "into"}; for a move {"to", "count"}.
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CurationMove(Base):
+    """An image an edit moved, and the cluster it came from (undo puts it back)."""
+
+    __tablename__ = "curation_moves"
+    __table_args__ = (Index("ix_curation_moves_job", "job_id", "idx"),)
+
+    edit_id: Mapped[int] = mapped_column(ForeignKey("curation_edits.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    from_cluster: Mapped[int] = mapped_column(Integer)

@@ -101,6 +101,13 @@ def get_job(conn, owner: Owner, job_id: str) -> JobRecord | None:
     return _record(conn.execute(JOB_BY_ID, {"job_id": job_id, "owner_id": owner.id}).mappings().first())
 
 
+def get_job_for_update(session: Session, owner: Owner, job_id: str) -> JobRecord | None:
+    """:func:`get_job`, the row locked until the transaction ends (curation edits of one job
+    run one after the other)."""
+    stmt = JOB_BY_ID.with_for_update()
+    return _record(session.execute(stmt, {"job_id": job_id, "owner_id": owner.id}).mappings().first())
+
+
 @lru_cache(maxsize=1)
 def _job_by_id_psycopg() -> str:
     from sqlalchemy.dialects.postgresql import psycopg
