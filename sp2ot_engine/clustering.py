@@ -92,7 +92,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         labels_ (``N``), confidences_ (``N``, each sample's transport mass on its cluster),
         cluster_sizes_ (``K``), filenames_ (``N`` names; ``"0".."N-1"`` for matrices),
         skipped_ (``(name, reason)`` of unreadable files), history_ (per-epoch loss and rho),
-        best_epoch_, n_features_in_, fit_seconds_.
+        best_epoch_, n_features_in_, fit_seconds_, features_ (``N x d`` float32: the features the
+        labels were predicted from, e.g. for a 2-D map of the images).
     """
 
     def __init__(self, n_clusters: int = 10, *, backbone: str = "efficientnet_lite0", checkpoint: str | None = None,
@@ -223,6 +224,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         self.labels_ = logits.argmax(dim=1).numpy().astype(np.int64)
         self.confidences_ = assignment_confidence(logits, self.labels_, cfg)
         self.cluster_sizes_ = np.bincount(self.labels_, minlength=cfg.n_clusters)
+        self.features_ = features.detach().cpu().numpy()  # a view of the tensor: no copy
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.head_state_ = {k: v.detach().cpu() for k, v in head.state_dict().items()}

@@ -156,7 +156,8 @@ class FakeClustering:
             labels.append(int(np.argmax(colour)) % self.n_clusters)
         self.filenames_ = list(coll.names)
         self.labels_ = np.array(labels, dtype=np.int64)
-        self.confidences_ = np.full(len(labels), 0.9)
+        self.features_ = np.eye(self.n_clusters, dtype=np.float32)[self.labels_] + 0.01 * np.arange(len(labels))[:, None]
+        self.confidences_ = np.linspace(0.95, 0.5, len(labels))
         self.cluster_sizes_ = np.bincount(self.labels_, minlength=self.n_clusters)
         self.skipped_ = list(coll.skipped)
         if progress:

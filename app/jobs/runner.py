@@ -30,13 +30,14 @@ from typing import Any
 from app.archives import read_truth
 from app.core.config import Settings
 from app.core.db import Database
-from app.jobs import repository
+from app.jobs import artifacts, repository
 from app.models import JobStatus
 from app.storage import Storage
 
 log = logging.getLogger("sp2ot.worker")
 
 MAX_SKIPPED_REPORTED = 1000
+CURVE_POINTS = 240  # loss/rho points kept in a running job's progress for the live curve
 _PROGRESS_KEYS = ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
 
 
@@ -103,18 +104,32 @@ class JobRun:
         self._last_check = 0.0
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
+        self._curve: list[list[Any]] = []
 
     # --- progress(info) ---------------------------------------------------------------------
     def progress(self, info: dict[str, Any]) -> None:
         try:
             p = clean_progress(info if isinstance(info, dict) else {})
+            self._add_curve_point(p)
             now = time.monotonic()
             if p["stage"] == self._last_stage and now - self._last_progress < self.settings.progress_interval:
                 return
             self._last_progress, self._last_stage = now, p["stage"]
-            self.write_progress(p)
+            self.write_progress({**p, "curve": list(self._curve)} if self._curve else p)
         except Exception:  # progress must never break training
             log.warning("job %s: cannot record progress", self.job_id, exc_info=True)
+
+    def _add_curve_point(self, p: dict[str, Any]) -> None:
+        """Every training step's loss and rho, halved whenever there are too many: the pages draw
+        the curve of a running job from its progress."""
+        if p["stage"] != "training" or p["loss"] is None:
+            return
+        x = p["step"] if p["step"] is not None else len(self._curve)
+        if self._curve and self._curve[-1][0] == x:
+            return
+        self._curve.append([x, p["loss"], p["rho"]])
+        if len(self._curve) > CURVE_POINTS:
+            self._curve = self._curve[::2]
 
     def write_progress(self, p: dict[str, Any]) -> None:
         with self.db.begin() as s:
@@ -248,6 +263,7 @@ def execute_job(
                 kwargs["batch_size"] = settings.batch_size
             est = cls(**kwargs)
             est.fit(str(storage.abs(job.input_path)), progress=run.progress, should_stop=run.should_stop)
+            made = _make_artifacts(storage, run, est, job)
         except Cancelled:
             reason = run.stop_reason or "cancel"
             if reason == "cancel":
@@ -275,7 +291,7 @@ def execute_job(
                        stage="failed")
             return "failed"
         run.stop_heartbeat()
-        return _finalize_success(db, storage, run, est, job)
+        return _finalize_success(db, storage, run, est, job, made)
     except Exception as e:
         log.exception("job %s: could not be finalised", job_id)
         try:
@@ -302,7 +318,41 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: repository.JobRecord) -> str:
+def _make_artifacts(storage: Storage, run: JobRun, est, job: repository.JobRecord) -> dict[str, Any]:
+    """Thumbnails and the 2-D map for the pages (``app.jobs.artifacts``). Neither fails the job:
+    the pages show placeholders when they are missing. Raises Cancelled when asked to stop."""
+    from sp2ot_engine import Cancelled
+
+    job_dir = storage.job_dir(run.job_id)
+    filenames = [str(f) for f in est.filenames_]
+    made: dict[str, Any] = {"thumbnails": 0, "thumb_size": artifacts.THUMB_SIZE, "map": None}
+
+    def report(stage: str, percent: float) -> None:
+        run.progress({"stage": stage, "percent": percent})
+
+    try:
+        made["thumbnails"] = artifacts.make_thumbnails(storage.abs(job.input_path), filenames, job_dir,
+                                                       progress=report, should_stop=run.should_stop)
+    except artifacts.Stopped:
+        raise Cancelled("stopped while making thumbnails") from None
+    except Exception:
+        log.warning("job %s: cannot make the thumbnails", run.job_id, exc_info=True)
+    features = getattr(est, "features_", None)  # the engine's features, when it keeps them
+    if features is not None and len(features) == len(filenames):
+        report("map", 0.0)
+        try:
+            coords, made["map"] = artifacts.project_2d(features, seed=job.seed)
+            artifacts.write_map(coords, job_dir)
+        except Exception:
+            made["map"] = None
+            log.warning("job %s: cannot project the features to 2-D", run.job_id, exc_info=True)
+    if run.should_stop():
+        raise Cancelled("stopped after making the thumbnails")
+    return made
+
+
+def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: repository.JobRecord,
+                      made: dict[str, Any] | None = None) -> str:
     job_id = run.job_id
     filenames = [str(f) for f in est.filenames_]
     labels = [int(x) for x in est.labels_]
@@ -315,6 +365,7 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
         "n_images": len(filenames), "n_clusters": job.n_clusters, "cluster_sizes": sizes,
         "n_skipped": len(skipped),
         "skipped": [{"name": n, "reason": r} for n, r in skipped[:MAX_SKIPPED_REPORTED]],
+        "artifacts": made or {},
     }
     history = clean_history(getattr(est, "history_", []))
     metrics = _evaluation(storage, job_id, filenames, labels) if job.has_truth else None
