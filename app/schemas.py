@@ -141,6 +141,8 @@ class MetricsOut(BaseModel):
         None, description="acc, nmi, f1, ari, head/medium/tail acc (needs a truth CSV)."
     )
     truth: TruthInfo | None = None
+    curated: bool = Field(False, description="A person edited the clusters: sizes and metrics are the curated ones.")
+    curation_edits: int = Field(0, description="How many curation edits are in force.")
 
 
 # -------------------------------------------------------------------------------- datasets

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from app import crud
+from app import crud, results
 from app.api.deps import (
     DatabaseDep,
     OwnerDep,
@@ -400,15 +400,19 @@ async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep):
     """The cluster of every image: CSV `filename,cluster,confidence`, one row per image, in
     the order of the image names, streamed from the database."""
 
-    def check() -> None:
+    def check() -> bool:
         with db.session() as s:
             _require_success(_get_job_or_404(s, owner, job_id), "labels")
+            return results.curation_info(s, job_id).curated
 
-    await run_in_threadpool(check)
+    curated = await run_in_threadpool(check)
+    # A curated result keeps the CSV format; its file name and a header say it was curated.
+    name = f"sp2ot-{job_id}-{'curated-' if curated else ''}labels.csv"
     return StreamingResponse(
         _stream_labels(db, job_id),
         media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="sp2ot-{job_id}-labels.csv"'},
+        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                 "X-SP2OT-Curated": "true" if curated else "false"},
     )
 
 
@@ -435,19 +439,27 @@ async def _stream_labels(db: Database, job_id: str):
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut,
             responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job has not succeeded"}})
-def get_metrics(job_id: str, owner: OwnerDep, session: ReadSessionDep):
+def get_metrics(job_id: str, owner: OwnerDep, session: ReadSessionDep, storage: StorageDep):
     """Cluster-size distribution, loss and rho curves; with a truth CSV, the paper's
-    metrics (acc, nmi, f1, ari, head/medium/tail acc)."""
+    metrics (acc, nmi, f1, ari, head/medium/tail acc). After a curation, sizes and metrics
+    are those of the curated clusters (`curated` says so)."""
     job = _get_job_or_404(session, owner, job_id)
     _require_success(job, "metrics")
     summary = job.summary or {}
     sizes = [int(x) for x in summary.get("cluster_sizes", [])]
+    extra = job.metrics or {}
+    curation = results.curation_info(session, job.id)
+    if curation.curated:
+        current = results.cluster_sizes(session, job.id)
+        sizes = [current.get(c, 0) for c in range(results.cluster_count(job.n_clusters, current))]
+        if job.has_truth:
+            ev = results.evaluation(session, job.id, storage.truth_path(job.id), curation.last_edit_id)
+            extra = {**extra, "evaluation": ev["evaluation"]}
     nonempty = [x for x in sizes if x > 0]
     n = len(sizes) or 1
     mean = sum(sizes) / n
     std = (sum((x - mean) ** 2 for x in sizes) / n) ** 0.5
     history = job.history or []
-    extra = job.metrics or {}
     return MetricsOut(
         job_id=job.id, n_images=int(summary.get("n_images", 0)), n_clusters=job.n_clusters, cluster_sizes=sizes,
         cluster_size_distribution={
@@ -460,6 +472,8 @@ def get_metrics(job_id: str, owner: OwnerDep, session: ReadSessionDep):
                 "rho": [h.get("rho") for h in history]},
         evaluation=extra.get("evaluation"),
         truth=extra.get("truth"),
+        curated=curation.curated,
+        curation_edits=curation.edits,
     )
 
 

@@ -1,0 +1,183 @@
+"""Exports of a succeeded job's (possibly curated) clusters, each a stream of bytes:
+
+* ``csv``: as ``labels.csv`` (``filename,cluster,confidence``);
+* ``json``: ``{"images": [{filename, cluster, cluster_name, confidence}...], "clusters": [{id, name,
+  size, representatives: [filenames]}...], "curated": ..., "curation_edits": ...}``;
+* ``labelstudio``: Label Studio's import JSON, one task per image with a prediction whose choice
+  is the cluster name and whose score is the confidence;
+* ``zip``: one folder per cluster holding the original images, plus ``labels.csv`` and
+  ``export.txt`` at the root. Written by :mod:`zipfile` to a sink that is emptied after every
+  chunk (entries stored, sizes in data descriptors, ZIP64), so memory stays flat whatever the
+  archive size.
+
+Rows are read in batches through a server-side cursor; every generator owns its session.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from app import results
+from app.core.db import Database
+from app.jobs.repository import JobRecord
+
+FORMATS = ("json", "zip", "labelstudio", "csv")
+BATCH = 5000
+REPRESENTATIVES = 5
+ZIP_CHUNK = 1 << 20
+LABEL_STUDIO_CONFIG = ('<View><Image name="image" value="$image"/><Choices name="cluster" toName="image">'
+                       '{choices}</Choices></View>')
+
+
+def _rows(db: Database, job_id: str) -> Iterator[list]:
+    """Batches of ``(idx, filename, cluster, confidence)`` in image order."""
+    with db.session() as session:
+        result = session.execute(results.rows_query(job_id).execution_options(yield_per=BATCH))
+        while True:
+            rows = result.fetchmany(BATCH)
+            if not rows:
+                return
+            yield rows
+
+
+def snapshot(db: Database, job: JobRecord) -> tuple[list[results.Cluster], results.CurationInfo]:
+    with db.read_session() as session:
+        return results.clusters(session, job.id, job.n_clusters), results.curation_info(session, job.id)
+
+
+def csv_stream(db: Database, job: JobRecord) -> Iterator[bytes]:
+    yield b"filename,cluster,confidence\r\n"
+    for rows in _rows(db, job.id):
+        buf = io.StringIO()
+        csv.writer(buf).writerows((f, c, f"{p:.6f}") for _, f, c, p in rows)
+        yield buf.getvalue().encode("utf-8")
+
+
+def json_stream(db: Database, job: JobRecord) -> Iterator[bytes]:
+    clusters, info = snapshot(db, job)
+    names = {c.id: c.name for c in clusters}
+    head = {"job_id": job.id, "curated": info.curated, "curation_edits": info.edits}
+    yield json.dumps(head)[:-1].encode() + b', "images": ['
+    first = True
+    for rows in _rows(db, job.id):
+        parts = [json.dumps({"filename": f, "cluster": c, "cluster_name": names.get(c, results.display_name(c, {})),
+                             "confidence": round(p, 6)}) for _, f, c, p in rows]
+        yield ((b"" if first else b", ") + ", ".join(parts).encode())
+        first = False
+    with db.read_session() as session:
+        out = [{"id": c.id, "name": c.name, "size": c.size,
+                "representatives": [im.filename for im in
+                                    results.images_of_cluster(session, job.id, c.id, limit=REPRESENTATIVES)]
+                if c.size else []} for c in clusters]
+    yield b'], "clusters": ' + json.dumps(out).encode() + b"}"
+
+
+def label_studio_stream(db: Database, job: JobRecord, image_url: str) -> Iterator[bytes]:
+    """``image_url``: a format string with ``{idx}`` giving each image's address on this server."""
+    clusters, info = snapshot(db, job)
+    names = {c.id: c.name for c in clusters}
+    version = f"sp2ot-{job.id[:8]}" + ("-curated" if info.curated else "")
+    yield b"["
+    first = True
+    for rows in _rows(db, job.id):
+        tasks = []
+        for idx, f, c, p in rows:
+            name = names.get(c, results.display_name(c, {}))
+            tasks.append(json.dumps({
+                "data": {"image": image_url.format(idx=idx), "filename": f},
+                "meta": {"sp2ot_job": job.id, "cluster": c, "curated": info.curated},
+                "predictions": [{"model_version": version, "score": round(p, 6), "result": [{
+                    "from_name": "cluster", "to_name": "image", "type": "choices",
+                    "value": {"choices": [name]}, "score": round(p, 6)}]}],
+            }))
+        yield ((b"" if first else b", ") + ", ".join(tasks).encode())
+        first = False
+    yield b"]"
+
+
+def label_studio_config(clusters: list[results.Cluster]) -> str:
+    """The labelling configuration that matches the tasks' choices."""
+    from html import escape
+
+    choices = "".join(f'<Choice value="{escape(c.name, quote=True)}"/>' for c in clusters if c.size)
+    return LABEL_STUDIO_CONFIG.format(choices=choices)
+
+
+# ----------------------------------------------------------------------------------- zip
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+def folder_names(clusters: list[results.Cluster]) -> dict[int, str]:
+    """A distinct, file-system-safe folder name per cluster (its name, else ``cluster_<id>``)."""
+    out: dict[int, str] = {}
+    used: set[str] = set()
+    for c in sorted(clusters, key=lambda c: c.id):
+        base = _UNSAFE.sub("_", c.name).strip(" .") if c.named else f"cluster_{c.id}"
+        name = base or f"cluster_{c.id}"
+        if name.lower() in used:
+            name = f"{name}_{c.id}"
+        used.add(name.lower())
+        out[c.id] = name
+    return out
+
+
+class _Sink(io.RawIOBase):
+    """Where :class:`zipfile.ZipFile` writes: bytes collect here until the stream takes them. It
+    has no ``tell``/``seek``, so zipfile streams (data descriptors instead of seeking back)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.parts.append(bytes(b))
+        return len(b)
+
+    def take(self) -> bytes:
+        data, self.parts = b"".join(self.parts), []
+        return data
+
+
+def zip_stream(db: Database, job: JobRecord, images_root: Path) -> Iterator[bytes]:
+    clusters, info = snapshot(db, job)
+    folders = folder_names(clusters)
+    sink = _Sink()
+    missing: list[str] = []
+    labels = io.StringIO()
+    labels.write("filename,cluster,confidence\r\n")
+    writer = csv.writer(labels)
+    root = images_root.resolve()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for rows in _rows(db, job.id):
+            for _, filename, cluster, confidence in rows:
+                writer.writerow((filename, cluster, f"{confidence:.6f}"))
+                path = (root / filename).resolve()
+                if not str(path).startswith(str(root) + os.sep) or not path.is_file():
+                    missing.append(filename)
+                    continue
+                zi = zipfile.ZipInfo(f"{folders.get(cluster, f'cluster_{cluster}')}/{filename}",
+                                     time.localtime(path.stat().st_mtime)[:6])
+                zi.compress_type = zipfile.ZIP_STORED
+                with open(path, "rb") as src, zf.open(zi, "w", force_zip64=True) as dest:
+                    while chunk := src.read(ZIP_CHUNK):
+                        dest.write(chunk)
+                        yield sink.take()
+                yield sink.take()
+        zf.writestr("labels.csv", labels.getvalue())
+        note = [f"sp2ot job {job.id}: {sum(c.size for c in clusters)} images, "
+                f"{sum(1 for c in clusters if c.size)} non-empty clusters, one folder each.",
+                f"curated: {'yes, ' + str(info.edits) + ' edit(s)' if info.curated else 'no'}"]
+        if missing:
+            note.append(f"{len(missing)} original image(s) are no longer stored and are missing:")
+            note += missing[:1000]
+        zf.writestr("export.txt", "\n".join(note) + "\n")
+    yield sink.take()
