@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import uuid
+from urllib.parse import quote
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api.deps import _KeyCache
-from app.api.routes import datasets, health, jobs
+from app.api.routes import curation, datasets, exports, health, jobs
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database, run_migrations
 from app.core.fastread import make_read_pool
@@ -27,6 +29,7 @@ from app.errors import ApiError
 from app.jobs.queue import make_queue
 from app.jobs.reaper import Reaper
 from app.storage import Storage
+from app.ui import pages
 
 log = logging.getLogger("sp2ot.api")
 
@@ -54,8 +57,14 @@ def _error_messages(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(pages.LoginRequired)
+    async def _login(request: Request, exc: pages.LoginRequired):
+        return RedirectResponse(f"/ui/login?next={quote(exc.next_url, safe='')}", status_code=303)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        if pages.is_page(request):
+            return pages.error_page(request, exc.status_code, exc.detail)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -65,10 +74,14 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"No such endpoint: {request.method} {request.url.path}. See /docs for the API."
         elif exc.status_code == 405:
             detail = f"Method {request.method} is not allowed on {request.url.path}. See /docs for the API."
+        if pages.is_page(request):
+            return pages.error_page(request, exc.status_code, detail.replace(" See /docs for the API.", ""))
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
+        if pages.is_page(request):
+            return pages.error_page(request, 422, _error_messages(exc))
         errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
                   for e in exc.errors()]
         return JSONResponse({"detail": _error_messages(exc), "errors": errors}, status_code=422)
@@ -135,6 +148,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(datasets.router)
     app.include_router(health.router)
+    app.include_router(exports.router)
+    app.include_router(curation.router)
+    app.include_router(pages.router)
+    app.mount("/ui/static", StaticFiles(directory=str(pages.STATIC_DIR)), name="static")
     return app
 
 

@@ -1,6 +1,7 @@
 """Request dependencies: settings, database sessions, the caller's identity."""
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app import crud
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database
-from app.core.security import Owner, hash_api_key
+from app.core.security import Owner, csrf_token, hash_api_key, load_or_create_secret
 from app.errors import ApiError
 from app.storage import Storage
 
@@ -61,6 +62,45 @@ class Unauthorized(ApiError):
         super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="sp2ot"'})
 
 
+class CsrfRejected(ApiError):
+    status_code = 403
+
+
+SESSION_COOKIE = "sp2ot_key"  # the web pages' login: the API key, HttpOnly
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def server_secret(app) -> bytes:
+    secret = getattr(app.state, "secret", None)
+    if secret is None:
+        settings: Settings = app.state.settings
+        secret = app.state.secret = load_or_create_secret(settings.secret_key, settings.data_dir / "secret_key")
+    return secret
+
+
+def session_csrf_token(request: Request) -> str:
+    """The token the pages send back with every state-changing request."""
+    return csrf_token(server_secret(request.app), request.cookies.get(SESSION_COOKIE) or "")
+
+
+def _from_a_browser(request: Request) -> bool:
+    # Browsers add these to every cross-site POST; scripts (curl, the Python client) do not.
+    headers = request.headers
+    return "origin" in headers or "sec-fetch-site" in headers
+
+
+def check_csrf(request: Request, credential: str, submitted: str | None = None) -> None:
+    token = submitted or request.headers.get(CSRF_HEADER) or request.query_params.get(CSRF_FIELD) or ""
+    expected = csrf_token(server_secret(request.app), credential)
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise CsrfRejected(
+            "This request changes something and comes from a browser, so it needs the page's CSRF token "
+            f"(header {CSRF_HEADER}). Reload the page and try again; scripts send `Authorization: Bearer <key>`."
+        )
+
+
 class _KeyCache:
     """Recently verified keys (hash -> owner) for a few seconds, so that pollers do not pay a
     database round trip per request. A revoked key stops working within ``ttl`` seconds."""
@@ -99,6 +139,13 @@ async def current_owner(request: Request) -> Owner:
     settings: Settings = request.app.state.settings
     cache: _KeyCache = request.app.state.key_cache
     key = _bearer(request)
+    from_cookie = False
+    if key is None and request.cookies.get(SESSION_COOKIE):
+        key, from_cookie = request.cookies[SESSION_COOKIE], True
+    # A bearer header is never sent by a browser on its own: only cookie or keyless requests
+    # from a browser can be forged by another site.
+    if request.method in UNSAFE_METHODS and (from_cookie or (key is None and _from_a_browser(request))):
+        check_csrf(request, key or "")
     if key is None:
         if settings.auth_required:
             raise Unauthorized(

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         "refuses to listen on anything but a loopback address and answers only local clients.",
     )
     log_level: str = "info"
+    secret_key: str = Field(
+        "", description="Signs the web pages' CSRF tokens. Empty: a random key kept in <data_dir>/secret_key "
+        "(processes sharing the data dir share it; set it when they do not).",
+    )
+    session_cookie_days: float = Field(30.0, gt=0, description="How long the web pages' login cookie lasts.")
 
     # --- queue / worker ----------------------------------------------------------------
     broker_url: str = Field("", description="Celery broker (redis://...). Empty = in-process worker threads.")

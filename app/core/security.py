@@ -7,8 +7,11 @@ authenticated with one indexed lookup.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 KEY_PREFIX = "sp2ot_"
 
@@ -38,3 +41,31 @@ def display_prefix(key: str) -> str:
 # is not 64 hex digits, so no bearer key can ever match it.
 LOCAL_OWNER_HASH = "local:no-authentication"
 LOCAL_OWNER_NAME = "local (no authentication)"
+
+
+def csrf_token(secret: bytes, credential: str) -> str:
+    """The CSRF token of a browser session: bound to its credential (the API key in its cookie,
+    or "" without authentication) and unforgeable without the server's secret."""
+    return hmac.new(secret, b"sp2ot-csrf:" + credential.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def load_or_create_secret(configured: str, path: Path) -> bytes:
+    """``configured`` when set, else the random secret in ``path`` (created once, mode 0600)."""
+    if configured:
+        return configured.encode("utf-8")
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)  # the first process to create it wins; the others read its secret
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return bytes.fromhex(path.read_text().strip())

@@ -1,0 +1,1 @@
+"""The web pages (``pages.py``), their templates and static files."""
