@@ -1,6 +1,6 @@
 """Exports of a succeeded job's (possibly curated) clusters, each a stream of bytes:
 
-* ``csv``: as ``labels.csv`` (``filename,cluster,confidence``);
+* ``csv``: as ``labels.csv`` (``filename,cluster,confidence``, and ``cluster_name`` once curated);
 * ``json``: ``{"images": [{filename, cluster, cluster_name, confidence}...], "clusters": [{id, name,
   size, representatives: [filenames]}...], "curated": ..., "curation_edits": ...}``;
 * ``labelstudio``: Label Studio's import JSON, one task per image with a prediction whose choice
@@ -52,11 +52,18 @@ def snapshot(db: Database, job: JobRecord) -> tuple[list[results.Cluster], resul
         return results.clusters(session, job.id, job.n_clusters), results.curation_info(session, job.id)
 
 
-def csv_stream(db: Database, job: JobRecord) -> Iterator[bytes]:
-    yield b"filename,cluster,confidence\r\n"
+def csv_stream(db: Database, job: JobRecord, curated: bool) -> Iterator[bytes]:
+    """labels.csv; when curated, a fourth column ``cluster_name`` (readers find columns by name)."""
+    names: dict[int, str] = {}
+    if curated:
+        names = {c.id: c.name for c in snapshot(db, job)[0]}
+    yield b"filename,cluster,confidence,cluster_name\r\n" if curated else b"filename,cluster,confidence\r\n"
     for rows in _rows(db, job.id):
         buf = io.StringIO()
-        csv.writer(buf).writerows((f, c, f"{p:.6f}") for _, f, c, p in rows)
+        if curated:
+            csv.writer(buf).writerows((f, c, f"{p:.6f}", names.get(c, "")) for _, f, c, p in rows)
+        else:
+            csv.writer(buf).writerows((f, c, f"{p:.6f}") for _, f, c, p in rows)
         yield buf.getvalue().encode("utf-8")
 
 
@@ -172,7 +179,7 @@ def zip_stream(db: Database, job: JobRecord, images_root: Path) -> Iterator[byte
                         dest.write(chunk)
                         yield sink.take()
                 yield sink.take()
-        zf.writestr("labels.csv", labels.getvalue())
+        zf.writestr("labels.csv", labels.getvalue())  # the folders' clusters, numbered as in labels.csv
         note = [f"sp2ot job {job.id}: {sum(c.size for c in clusters)} images, "
                 f"{sum(1 for c in clusters if c.size)} non-empty clusters, one folder each.",
                 f"curated: {'yes, ' + str(info.edits) + ' edit(s)' if info.curated else 'no'}"]

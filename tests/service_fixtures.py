@@ -174,6 +174,29 @@ def real_engine_available() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------- browser
+# Debian's Chromium, driven by Playwright (which must never download a browser of its own).
+CHROMIUM = os.environ.get("SP2OT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not os.path.exists(CHROMIUM):
+        return f"Chromium is not installed at {CHROMIUM} (bash scripts/install_browser.sh installs it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright for Python is not installed (pip install -e '.[dev]')"
+    return None
+
+
+def launch_chromium(playwright):
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
 # ------------------------------------------------------------------------- services
 def _pg_admin():
     import psycopg

@@ -180,7 +180,8 @@ def test_curation_rename_merge_move_undo_reset(done):
     r = post(c, f"/jobs/{jid}/curation/reset")  # the rename is left
     assert r.status_code == 200 and r.json()["done"] == {"edits_removed": 1, "images_restored": 0}
     assert labels(c, jid) == original
-    assert c.get(f"/jobs/{jid}/labels.csv").headers["x-sp2ot-curated"] == "false"
+    plain = c.get(f"/jobs/{jid}/labels.csv")
+    assert plain.headers["x-sp2ot-curated"] == "false" and plain.text.startswith("filename,cluster,confidence\r\n")
     assert post(c, f"/jobs/{jid}/curation/undo").status_code == 409
 
 
@@ -247,7 +248,11 @@ def test_exports_show_the_curated_clusters(done):
     try:
         r = c.get(f"/jobs/{jid}/export?format=csv")
         assert r.headers["x-sp2ot-curated"] == "true" and "curated" in r.headers["content-disposition"]
-        assert {row["filename"]: int(row["cluster"]) for row in parse_labels_csv(r.text)} == current
+        rows = parse_labels_csv(r.text)
+        assert {row["filename"]: int(row["cluster"]) for row in rows} == current
+        assert r.text.startswith("filename,cluster,confidence,cluster_name\r\n")
+        assert {row["cluster_name"] for row in rows if row["cluster"] == "0"} == {"reds/and more"}
+        assert r.text == c.get(f"/jobs/{jid}/labels.csv").text
 
         data = c.get(f"/jobs/{jid}/export?format=json").json()
         assert data["curated"] is True and data["curation_edits"] == 2

@@ -43,7 +43,7 @@ async def export_job(
     per cluster holding the original images."""
     job, curated = await run_in_threadpool(_checked_job, db, owner, job_id)
     if format == "csv":
-        body = exports.csv_stream(db, job)
+        body = exports.csv_stream(db, job, curated)
     elif format == "json":
         body = exports.json_stream(db, job)
     elif format == "labelstudio":

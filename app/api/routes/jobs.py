@@ -1,20 +1,17 @@
 """/jobs: create (archive upload or dataset), follow, download results, cancel, delete."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from app import crud, results
+from app import crud, exports, results
 from app.api.deps import (
     DatabaseDep,
     OwnerDep,
@@ -52,7 +49,6 @@ ERRORS = {
     404: {"model": ErrorOut, "description": "No such job for this API key"},
 }
 TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "seed", "dataset_id"}
-CSV_BATCH = 5000
 
 
 def job_links(request: Request, job_id: str) -> dict[str, str]:
@@ -398,43 +394,24 @@ def _require_success(job: JobRecord, what: str) -> None:
 )
 async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep):
     """The cluster of every image: CSV `filename,cluster,confidence`, one row per image, in
-    the order of the image names, streamed from the database."""
+    the order of the image names, streamed from the database. After a curation the clusters
+    are the curated ones and a fourth column `cluster_name` gives their names."""
 
-    def check() -> bool:
+    def check() -> tuple[JobRecord, bool]:
         with db.session() as s:
-            _require_success(_get_job_or_404(s, owner, job_id), "labels")
-            return results.curation_info(s, job_id).curated
+            job = _get_job_or_404(s, owner, job_id)
+            _require_success(job, "labels")
+            return job, results.curation_info(s, job_id).curated
 
-    curated = await run_in_threadpool(check)
-    # A curated result keeps the CSV format; its file name and a header say it was curated.
+    job, curated = await run_in_threadpool(check)
+    # A curated result says so: its file name, a header, and a cluster_name column.
     name = f"sp2ot-{job_id}-{'curated-' if curated else ''}labels.csv"
     return StreamingResponse(
-        _stream_labels(db, job_id),
+        exports.csv_stream(db, job, curated),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{name}"',
                  "X-SP2OT-Curated": "true" if curated else "false"},
     )
-
-
-async def _stream_labels(db: Database, job_id: str):
-    """Rows are fetched in batches through a server-side cursor (``yield_per``) so memory
-    stays flat whatever the number of images."""
-    session = db.session()
-    try:
-        stmt = repository.labels_query(job_id).execution_options(yield_per=CSV_BATCH)
-        result = await run_in_threadpool(session.execute, stmt)
-        yield b"filename,cluster,confidence\r\n"
-        while True:
-            rows = await run_in_threadpool(result.fetchmany, CSV_BATCH)
-            if not rows:
-                break
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerows((f, c, f"{p:.6f}") for f, c, p in rows)
-            yield buf.getvalue().encode("utf-8")
-    finally:
-        with anyio.CancelScope(shield=True):
-            await run_in_threadpool(session.close)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut,
