@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select, union_all
 from sqlalchemy.orm import Session
 
 from app.models import Assignment, ClusterName, CurationEdit
@@ -83,9 +83,14 @@ def display_name(cluster: int, names: dict[int, str]) -> str:
     return names.get(cluster) or DEFAULT_NAME.format(cluster)
 
 
-def clusters(session: Session, job_id: str, n_clusters: int) -> list[Cluster]:
-    """Every cluster, largest first (ties by id); merged-away and empty ones last with size 0."""
-    sizes = cluster_sizes(session, job_id)
+def clusters(session: Session, job_id: str, n_clusters: int, engine_sizes: list[int] | None = None,
+             curated: bool = True) -> list[Cluster]:
+    """Every cluster, largest first (ties by id); merged-away and empty ones last with size 0.
+    An uncurated job's sizes are the engine's (``engine_sizes``, from the job's summary): no scan."""
+    if not curated and engine_sizes is not None:
+        sizes = {c: int(n) for c, n in enumerate(engine_sizes) if n}
+    else:
+        sizes = cluster_sizes(session, job_id)
     names = cluster_names(session, job_id)
     out = [Cluster(c, display_name(c, names), sizes.get(c, 0), c in names)
            for c in range(cluster_count(n_clusters, sizes))]
@@ -101,6 +106,29 @@ def images_of_cluster(session: Session, job_id: str, cluster: int, *, offset: in
         .order_by(order, Assignment.idx).offset(offset).limit(limit)
     )
     return [_image(r) for r in rows]
+
+
+def card_images(session: Session, job_id: str, cluster_ids: list[int], top: int,
+                least: int) -> dict[int, tuple[list[Image], list[Image]]]:
+    """The ``top`` most and ``least`` least confident images of each cluster, in one round trip
+    (one index range per cluster and direction)."""
+    if not cluster_ids:
+        return {}
+    parts = []
+    for slot, (cluster, desc, limit) in enumerate(
+            (c, d, n) for c in cluster_ids for d, n in ((True, top), (False, least)) if n):
+        order = Assignment.confidence.desc() if desc else Assignment.confidence.asc()
+        inner = (select(*_IMAGE_COLUMNS).where(Assignment.job_id == job_id, Assignment.cluster == cluster)
+                 .order_by(order, Assignment.idx).limit(limit).subquery())
+        parts.append(select(literal(slot).label("slot"), literal(int(desc)).label("top"), *inner.c))
+    out: dict[int, tuple[list[Image], list[Image]]] = {c: ([], []) for c in cluster_ids}
+    rows = session.execute(union_all(*parts)).all()
+    for row in sorted(rows, key=lambda r: r.slot):  # each part keeps its order within its slot
+        out[int(row.cluster)][0 if row.top else 1].append(_image(row))
+    for c in cluster_ids:
+        out[c][0].sort(key=lambda im: (-im.confidence, im.idx))
+        out[c][1].sort(key=lambda im: (im.confidence, im.idx))
+    return out
 
 
 def least_confident(session: Session, job_id: str, *, offset: int = 0, limit: int = 60) -> list[Image]:

@@ -139,6 +139,11 @@ def _pages(total: int, per_page: int, page: int) -> dict[str, int]:
     return {"page": page, "pages": pages, "offset": (page - 1) * per_page, "total": total}
 
 
+def _clusters(session, job: JobRecord, info: results.CurationInfo | None = None) -> list[results.Cluster]:
+    info = info or results.curation_info(session, job.id)
+    return results.clusters(session, job.id, job.n_clusters, (job.summary or {}).get("cluster_sizes"), info.curated)
+
+
 def _engine_choices() -> dict[str, tuple[str, ...]]:
     from sp2ot_engine import options
 
@@ -218,15 +223,16 @@ def job_page(request: Request, job_id: str, owner: PageOwner, session: ReadSessi
     job = _job_or_404(session, owner, job_id)
     if job.status != JobStatus.SUCCEEDED:
         return render(request, "progress.html", owner=owner, job=job, live=_live(job))
-    clusters = results.clusters(session, job.id, job.n_clusters)
-    paging = _pages(len(clusters), CARDS_PER_PAGE, page)
-    cards = []
-    for c in clusters[paging["offset"]:paging["offset"] + CARDS_PER_PAGE]:
-        top = results.images_of_cluster(session, job.id, c.id, limit=TOP_PER_CARD) if c.size else []
-        least = (results.images_of_cluster(session, job.id, c.id, limit=LEAST_PER_CARD, least_confident=True)
-                 if c.size > TOP_PER_CARD else [])
-        cards.append({"cluster": c, "top": top, "least": least})
     info = results.curation_info(session, job.id)
+    clusters = _clusters(session, job, info)
+    paging = _pages(len(clusters), CARDS_PER_PAGE, page)
+    shown = clusters[paging["offset"]:paging["offset"] + CARDS_PER_PAGE]
+    images = results.card_images(session, job.id, [c.id for c in shown if c.size], TOP_PER_CARD, LEAST_PER_CARD)
+    cards = []
+    for c in shown:
+        top, least = images.get(c.id, ([], []))
+        # The least confident strip only when it shows other images than the top row.
+        cards.append({"cluster": c, "top": top, "least": least if c.size > TOP_PER_CARD else []})
     names = {c.id: c.name for c in clusters if c.named}
     history = [curation.describe(e, names) for e in curation.history(session, job.id, limit=8)] if info.curated else []
     artifacts_made = (job.summary or {}).get("artifacts", {})
@@ -246,8 +252,9 @@ def job_live(job_id: str, owner: OwnerDep, session: ReadSessionDep):
 
 
 def _image_list(request: Request, owner: Owner, session, job: JobRecord, images: list[results.Image], *,
-                title: str, tab: str, paging: dict[str, int] | None, more: bool = False, **extra: Any):
-    clusters = results.clusters(session, job.id, job.n_clusters)
+                title: str, tab: str, paging: dict[str, int] | None, more: bool = False,
+                clusters: list[results.Cluster] | None = None, **extra: Any):
+    clusters = clusters if clusters is not None else _clusters(session, job)
     return render(request, "images.html", owner=owner, job=job, images=images, title=title, tab=tab,
                   paging=paging, more=more, clusters=clusters, names={c.id: c.name for c in clusters},
                   has_map=bool((job.summary or {}).get("artifacts", {}).get("map")), **extra)
@@ -259,15 +266,15 @@ def cluster_page(request: Request, job_id: str, cluster: int, owner: PageOwner, 
     """All images of a cluster, most confident first (``order=uncertain``: least first), paginated."""
     job = _job_or_404(session, owner, job_id)
     _succeeded_or_409(job)
-    sizes = results.cluster_sizes(session, job.id)
-    if not 0 <= cluster < results.cluster_count(job.n_clusters, sizes):
+    clusters = _clusters(session, job)
+    this = next((c for c in clusters if c.id == cluster), None)
+    if this is None:
         raise NotFound(f"Job {job.id} has no cluster {cluster}.")
-    paging = _pages(sizes.get(cluster, 0), IMAGES_PER_PAGE, page)
+    paging = _pages(this.size, IMAGES_PER_PAGE, page)
     images = results.images_of_cluster(session, job.id, cluster, offset=paging["offset"], limit=IMAGES_PER_PAGE,
                                        least_confident=order == "uncertain")
-    name = results.display_name(cluster, results.cluster_names(session, job.id))
-    return _image_list(request, owner, session, job, images, title=f"{name}: {sizes.get(cluster, 0)} images",
-                       tab="cluster", paging=paging, cluster=cluster, order=order)
+    return _image_list(request, owner, session, job, images, title=f"{this.name}: {this.size} images",
+                       tab="cluster", paging=paging, clusters=clusters, cluster=cluster, order=order)
 
 
 @router.get("/ui/jobs/{job_id}/uncertain", response_class=HTMLResponse)
@@ -311,7 +318,7 @@ def image_page(request: Request, job_id: str, idx: int, owner: PageOwner, sessio
 def map_page(request: Request, job_id: str, owner: PageOwner, session: ReadSessionDep):
     job = _job_or_404(session, owner, job_id)
     _succeeded_or_409(job)
-    clusters = results.clusters(session, job.id, job.n_clusters)
+    clusters = _clusters(session, job)
     made = (job.summary or {}).get("artifacts", {})
     return render(request, "map.html", owner=owner, job=job, tab="map", has_map=bool(made.get("map")),
                   map_method=made.get("map"),
