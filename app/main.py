@@ -90,6 +90,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         ref = uuid.uuid4().hex[:12]
         log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+        if pages.is_page(request):
+            return pages.error_page(request, 500, f"Something went wrong on the server (reference {ref}). "
+                                                  "The error was logged; please report it.")
         return JSONResponse(
             {"detail": f"Internal server error (reference {ref}). The error was logged; please report it."},
             status_code=500,

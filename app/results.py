@@ -42,6 +42,12 @@ class Image:
 class CurationInfo:
     edits: int
     last_edit_id: int
+    last_edit_at: Any = None
+
+    @property
+    def version(self) -> str:
+        """Names one curation state (ids can be reused after an undo on SQLite: the time too)."""
+        return f"{self.edits}:{self.last_edit_id}:{self.last_edit_at}"
 
     @property
     def curated(self) -> bool:
@@ -57,9 +63,10 @@ _IMAGE_COLUMNS = (Assignment.idx, Assignment.filename, Assignment.cluster, Assig
 
 def curation_info(session: Session, job_id: str) -> CurationInfo:
     row = session.execute(
-        select(func.count(CurationEdit.id), func.max(CurationEdit.id)).where(CurationEdit.job_id == job_id)
+        select(func.count(CurationEdit.id), func.max(CurationEdit.id), func.max(CurationEdit.created_at))
+        .where(CurationEdit.job_id == job_id)
     ).one()
-    return CurationInfo(int(row[0] or 0), int(row[1] or 0))
+    return CurationInfo(int(row[0] or 0), int(row[1] or 0), row[2])
 
 
 def cluster_names(session: Session, job_id: str) -> dict[int, str]:
@@ -182,13 +189,13 @@ def rows_query(job_id: str):
 
 
 # ------------------------------------------------------------------------- evaluation
-_EVAL_CACHE: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
+_EVAL_CACHE: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
 _EVAL_LOCK = threading.Lock()
 
 
-def evaluation(session: Session, job_id: str, truth_path: Path, version: int) -> dict[str, Any]:
+def evaluation(session: Session, job_id: str, truth_path: Path, version: str) -> dict[str, Any]:
     """The paper's metrics and a per-class table of the current clusters against the truth CSV.
-    Cached per curation state (``version``: the last edit's id), so a page costs one read."""
+    Cached per curation state (``version``: :attr:`CurationInfo.version`), so a page costs one read."""
     key = (job_id, version)
     with _EVAL_LOCK:
         if key in _EVAL_CACHE:

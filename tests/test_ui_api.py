@@ -451,3 +451,21 @@ def test_running_job_progress_keeps_a_bounded_loss_curve(sqlite_db):
     curve = written[-1]["curve"]
     assert 0 < len(curve) <= CURVE_POINTS and curve[0] == [0, 1.0, 0.5]
     assert [p[0] for p in curve] == sorted(p[0] for p in curve) and curve[-1][0] >= 900
+
+
+def test_metrics_of_a_curated_job_are_recomputed_for_each_curation_state(done):
+    c, jid = done["client"], done["job"]["id"]
+    before = c.get(f"/jobs/{jid}/metrics").json()
+    assert not before["curated"] and before["evaluation"]["acc"] == pytest.approx(1.0)  # colours = classes
+    page = c.get(f"/ui/jobs/{jid}/metrics").text
+    assert page.count('<tr class="') == 3 and "with the curated clusters" not in page
+    try:
+        post(c, f"/jobs/{jid}/curation/merge", {"clusters": [2], "into": 0})
+        merged = c.get(f"/jobs/{jid}/metrics").json()
+        assert merged["curated"] and merged["evaluation"]["acc"] == pytest.approx(2 / 3)
+        assert "with the curated clusters" in c.get(f"/ui/jobs/{jid}/metrics").text
+        post(c, f"/jobs/{jid}/curation/undo")
+        post(c, f"/jobs/{jid}/curation/rename", {"cluster": 0, "name": "reds"})  # may reuse the merge's id
+        assert c.get(f"/jobs/{jid}/metrics").json()["evaluation"]["acc"] == pytest.approx(1.0)
+    finally:
+        post(c, f"/jobs/{jid}/curation/reset")

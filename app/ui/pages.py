@@ -350,7 +350,7 @@ def metrics_page(request: Request, job_id: str, owner: PageOwner, session: ReadS
     job = _job_or_404(session, owner, job_id)
     _succeeded_or_409(job)
     info = results.curation_info(session, job.id)
-    ev = (results.evaluation(session, job.id, storage.truth_path(job.id), info.last_edit_id)
+    ev = (results.evaluation(session, job.id, storage.truth_path(job.id), info.version)
           if job.has_truth else None)
     names = results.cluster_names(session, job.id)
     return render(request, "metrics.html", owner=owner, job=job, tab="metrics", ev=ev, curation=info,

@@ -430,7 +430,7 @@ def get_metrics(job_id: str, owner: OwnerDep, session: ReadSessionDep, storage: 
         current = results.cluster_sizes(session, job.id)
         sizes = [current.get(c, 0) for c in range(results.cluster_count(job.n_clusters, current))]
         if job.has_truth:
-            ev = results.evaluation(session, job.id, storage.truth_path(job.id), curation.last_edit_id)
+            ev = results.evaluation(session, job.id, storage.truth_path(job.id), curation.version)
             extra = {**extra, "evaluation": ev["evaluation"]}
     nonempty = [x for x in sizes if x > 0]
     n = len(sizes) or 1

@@ -175,6 +175,7 @@
     const jobId = live.dataset.job;
     let state = JSON.parse($("#live-initial").textContent);
     let fetchedAt = Date.now();
+    let stageSeen = null;
     function show() {
       const p = state.progress || {};
       $("#live-status").textContent = state.status;
@@ -187,9 +188,14 @@
       $("#live-loss").textContent = p.loss != null ? p.loss.toFixed(4) : "–";
       const elapsed = state.elapsed + (state.status === "running" ? (Date.now() - fetchedAt) / 1000 : 0);
       $("#live-elapsed").textContent = state.status === "queued" ? "waiting for a worker" : duration(elapsed);
+      // The time left: from the whole run's share done, or from this stage's own pace since the
+      // page saw it start, whichever is longer (stages take different shares on different data).
       const f = overall(p.stage, p.percent);
-      $("#live-eta").textContent = state.status === "running" && f && f > 0.03
-        ? "about " + duration(elapsed * (1 - f) / f) : "–";
+      if (!stageSeen || stageSeen.stage !== p.stage) stageSeen = { stage: p.stage, t: Date.now(), pct: p.percent || 0 };
+      let eta = f && f > 0.03 ? elapsed * (1 - f) / f : null;
+      const gained = (p.percent || 0) - stageSeen.pct, spent = (Date.now() - stageSeen.t) / 1000;
+      if (gained > 1 && spent > 2) eta = Math.max(eta || 0, spent * (100 - p.percent) / gained);
+      $("#live-eta").textContent = state.status === "running" && eta != null ? "about " + duration(eta) : "–";
       drawCurve($("#live-curve"), p.curve || []);
       if (state.error) { $("#live-error").textContent = state.error; $("#live-error").hidden = false; }
       $("#live-cancelled").hidden = state.status !== "cancelled";
