@@ -527,7 +527,8 @@ def build_manifest(source: Source, limits: Limits | None = None) -> Manifest:
     manifest = Manifest(source.kind, archive_bytes, members, sorted(skipped, key=lambda s: s[0]))
     if limits.max_total_pixels is not None and manifest.total_pixels > limits.max_total_pixels:
         raise ArchiveRejected(label, f"the images hold {manifest.total_pixels / _MB:.1f} megapixels in total, over "
-                                     f"the limit of {limits.max_total_pixels / _MB:.1f}: upload fewer or smaller images",
+                                     f"the limit of {limits.max_total_pixels / _MB:.1f}: upload fewer or smaller "
+                                     f"images",
                               rule=Rejection.TOO_MANY_PIXELS)
     return manifest
 
