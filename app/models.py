@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from sp2ot_engine.options import Init, StrEnum
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -33,16 +35,21 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class JobStatus:
+class JobStatus(StrEnum):
+    """The states of a job (``app.jobs.repository`` has the moves between them); members equal
+    their strings, as stored in ``jobs.status``."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    ACTIVE = (QUEUED, RUNNING)
-    TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+# Groups of states, set after the class: in its body they would become members.
+JobStatus.ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)  # type: ignore[attr-defined]
+JobStatus.TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)  # type: ignore[attr-defined]
+JobStatus.ALL = tuple(JobStatus)  # type: ignore[attr-defined]
 
 
 class Base(DeclarativeBase):
@@ -108,6 +115,7 @@ class Job(Base):
     mode: Mapped[str] = mapped_column(String(20))
     epochs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     formulation: Mapped[str] = mapped_column(String(40))
+    init: Mapped[str] = mapped_column(String(20), default=Init.AUTO.value, server_default=Init.AUTO.value)
     seed: Mapped[int] = mapped_column(Integer, default=0)
     has_truth: Mapped[bool] = mapped_column(Boolean, default=False)
     # Images found and files skipped when the upload was checked (before training).

@@ -119,7 +119,7 @@ class FakeClustering:
     worker subprocess can use it too)."""
 
     def __init__(self, n_clusters, backbone="efficientnet_lite0", mode="fast", epochs=None, formulation="sp2ot",
-                 device="auto", seed=0, batch_size=64, num_workers=0):
+                 init="auto", device="auto", random_state=0, batch_size=64, num_workers=0):
         if n_clusters < 2:
             raise ValueError("n_clusters must be >= 2")
         self.n_clusters = n_clusters

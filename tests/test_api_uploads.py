@@ -210,6 +210,10 @@ def test_missing_n_clusters_and_unknown_fields(api, nothing_left):
     assert "Unknown form field 'nclusters'" in detail
     detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, epochs=-1), 422)
     assert "epochs" in detail
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, mode="slow"), 422)
+    assert "mode: Input should be 'fast' or 'full'" in detail
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, init="spectral"), 422)
+    assert "init: Input should be 'auto', 'random' or 'kmeans'" in detail
 
 
 def test_missing_archive_and_wrong_content_types(api, nothing_left):
@@ -361,11 +365,25 @@ def test_dataset_rejections_leave_nothing(api, nothing_left):
 
 
 def test_openapi_documents_the_upload(api):
+    from sp2ot_engine import options
+
     spec = api["client"].get("/openapi.json").json()
     body = spec["paths"]["/jobs"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "application/json" in body
-    assert body["multipart/form-data"]["schema"]["properties"]["archive"]["format"] == "binary"
+    form = body["multipart/form-data"]["schema"]["properties"]
+    assert form["archive"]["format"] == "binary"
     assert api["client"].get("/docs").status_code == 200
+    # the allowed values come from the engine's vocabulary, listed in OpenAPI
+    schemas = spec["components"]["schemas"]
+    for name, values in {"Backbone": options.BACKBONES, "Mode": options.MODES, "Formulation": options.FORMULATIONS,
+                         "Init": options.INITS, "JobStatus": ("queued", "running", "succeeded", "failed", "cancelled")
+                         }.items():
+        assert schemas[name]["enum"] == list(values), name
+        if name != "JobStatus":
+            assert form[name.lower()]["enum"] == list(values), name
+    assert tuple(schemas["JobProgress"]["properties"]) == options.PROGRESS_FIELDS
+    json_body = body["application/json"]["schema"]["properties"]
+    assert json_body["init"]["anyOf"][0] == {"$ref": "#/components/schemas/Init"}  # a reference that resolves
 
 
 def test_broker_down_means_503_and_nothing_left(api, tmp_path):

@@ -16,6 +16,7 @@ def test_enums_are_their_strings():
     assert options.RHO_SCHEDULES == ("sigmoid", "linear", "fixed")
     assert options.BACKBONES == ("efficientnet_lite0", "dino_vitb16", "dino_vits16")
     assert options.PROGRESS_FIELDS == ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
+    assert tuple(options.PROGRESS_TYPES) == options.PROGRESS_FIELDS  # a type for every field
     assert options.STAGES == ("loading", "features", "graph", "training", "predicting", "done")
     with pytest.raises(ValueError):
         options.Formulation("sinkhorn")

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sp2ot_engine.options import Backbone, Formulation, Init, Mode
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -115,9 +117,10 @@ class Settings(BaseSettings):
     estimator: str = Field(
         "sp2ot_engine:SP2OTClustering", description="module:Class of the estimator (a test seam; keep the default)."
     )
-    default_backbone: str = "efficientnet_lite0"
-    default_mode: str = "fast"
-    default_formulation: str = "sp2ot"
+    default_backbone: Backbone = Backbone.EFFICIENTNET_LITE0
+    default_mode: Mode = Mode.FAST
+    default_formulation: Formulation = Formulation.SP2OT
+    default_init: Init = Init.AUTO
     batch_size: int | None = Field(None, ge=2, description="Training batch size (default: the engine's).")
     num_workers: int = Field(0, ge=0, description="Image-decoding worker processes of a job.")
     torch_threads: int = Field(0, ge=0, description="CPU threads of torch in a job (0 = torch's default).")

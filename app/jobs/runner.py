@@ -33,11 +33,11 @@ from app.core.db import Database
 from app.jobs import repository
 from app.models import JobStatus
 from app.storage import Storage
+from sp2ot_engine.options import PROGRESS_FIELDS, PROGRESS_TYPES, ProgressField, Stage
 
 log = logging.getLogger("sp2ot.worker")
 
 MAX_SKIPPED_REPORTED = 1000
-_PROGRESS_KEYS = ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
 
 
 def _num(v: Any, kind: type) -> Any:
@@ -53,19 +53,18 @@ def _num(v: Any, kind: type) -> Any:
 
 
 def clean_progress(info: dict[str, Any]) -> dict[str, Any]:
-    """The engine's progress dict reduced to the stored keys, as JSON-safe numbers."""
+    """The engine's progress dict reduced to its fields (``PROGRESS_FIELDS``), each of its type
+    (``PROGRESS_TYPES``) as a JSON-safe value; the stage cut to 40 characters, the percent to
+    0..100."""
     out: dict[str, Any] = {}
-    for k in _PROGRESS_KEYS:
+    for k in PROGRESS_FIELDS:
         v = info.get(k)
-        if k == "stage":
+        if PROGRESS_TYPES[k] is str:
             out[k] = None if v is None else str(v)[:40]
-        elif k in ("epoch", "step", "total_steps"):
-            out[k] = _num(v, int)
-        elif k == "percent":
-            p = _num(v, float)
-            out[k] = None if p is None else round(min(100.0, max(0.0, p)), 2)
         else:
-            out[k] = _num(v, float)
+            out[k] = _num(v, PROGRESS_TYPES[k])
+    p = out[ProgressField.PERCENT]
+    out[ProgressField.PERCENT] = None if p is None else round(min(100.0, max(0.0, p)), 2)
     return out
 
 
@@ -241,7 +240,7 @@ def execute_job(
             cls = load_estimator_class(settings.estimator)
             kwargs: dict[str, Any] = dict(
                 n_clusters=job.n_clusters, backbone=job.backbone, mode=job.mode, epochs=job.epochs,
-                formulation=job.formulation, device=settings.device, seed=job.seed,
+                formulation=job.formulation, init=job.init, device=settings.device, random_state=job.seed,
                 num_workers=settings.num_workers,
             )
             if settings.batch_size:
@@ -319,8 +318,8 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
     history = clean_history(getattr(est, "history_", []))
     metrics = _evaluation(storage, job_id, filenames, labels) if job.has_truth else None
     last = history[-1] if history else {}
-    progress = {"stage": "done", "percent": 100.0, "epoch": last.get("epoch"), "loss": last.get("loss"),
-                "rho": last.get("rho"), "step": None, "total_steps": None}
+    progress = clean_progress({"stage": Stage.DONE, "percent": 100.0, "epoch": last.get("epoch"),
+                               "loss": last.get("loss"), "rho": last.get("rho")})
     with db.begin() as s:
         written = repository.record_success(
             s, job_id, run.attempt, summary=summary, history=history, metrics=metrics, progress=progress,

@@ -32,7 +32,6 @@ from app.errors import ApiError, Conflict, NotFound, UploadRejected
 from app.jobs import repository
 from app.jobs.repository import JobRecord
 from app.models import Dataset, JobStatus, new_id
-from app.options import resolve_options
 from app.schemas import (
     ErrorOut,
     JobFromDataset,
@@ -43,6 +42,7 @@ from app.schemas import (
 )
 from app.storage import Storage
 from app.uploads import ReceivedForm, receive_multipart
+from sp2ot_engine.options import BACKBONES, FORMULATIONS, INITS, MODES
 
 log = logging.getLogger("sp2ot.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -51,7 +51,7 @@ ERRORS = {
     401: {"model": ErrorOut, "description": "Missing or invalid API key"},
     404: {"model": ErrorOut, "description": "No such job for this API key"},
 }
-TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "seed", "dataset_id"}
+TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "init", "seed", "dataset_id"}
 CSV_BATCH = 5000
 
 
@@ -65,7 +65,7 @@ def job_out(request: Request, job: JobRecord) -> JobOut:
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
         "n_images": job.n_images,
         "options": {"n_clusters": job.n_clusters, "backbone": job.backbone, "mode": job.mode, "epochs": job.epochs,
-                    "formulation": job.formulation, "seed": job.seed},
+                    "formulation": job.formulation, "init": job.init, "seed": job.seed},
         "has_truth": job.has_truth, "progress": job.progress or {}, "cancel_requested": job.cancel_requested,
         "attempts": job.attempts, "error": job.error, "summary": job.summary,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
@@ -91,19 +91,23 @@ _MULTIPART_SCHEMA = {
         "truth": {"type": "string", "format": "binary",
                   "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics)"},
         "n_clusters": {"type": "integer", "minimum": 2},
-        "backbone": {"type": "string", "example": "efficientnet_lite0"},
-        "mode": {"type": "string", "example": "fast"},
+        "backbone": {"type": "string", "enum": list(BACKBONES)},
+        "mode": {"type": "string", "enum": list(MODES)},
         "epochs": {"type": "integer", "minimum": 1},
-        "formulation": {"type": "string", "example": "sp2ot"},
+        "formulation": {"type": "string", "enum": list(FORMULATIONS)},
+        "init": {"type": "string", "enum": list(INITS)},
         "seed": {"type": "integer", "minimum": 0},
     },
 }
+# The enums it refers to are components of the document (the responses use them too).
+_JSON_SCHEMA = {k: v for k, v in JobFromDataset.model_json_schema(ref_template="#/components/schemas/{model}").items()
+                if k != "$defs"}
 _CREATE_OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            "application/json": {"schema": JobFromDataset.model_json_schema()},
+            "application/json": {"schema": _JSON_SCHEMA},
         },
     }
 }
@@ -126,6 +130,26 @@ def _parse_params(fields: dict[str, Any], model=JobParams):
         return model.model_validate(data)
     except ValidationError as e:
         raise UploadRejected(_validation_message(e)) from None
+
+
+def _job_options(params: JobParams, settings: Settings) -> dict[str, Any]:
+    """The options stored on the job row (server defaults filled in), or a 422 naming the one
+    over a server limit (the choices themselves are the schema's enums)."""
+    if params.n_clusters > settings.max_clusters:
+        raise UploadRejected(f"n_clusters={params.n_clusters} is above the server limit of {settings.max_clusters}.")
+    if params.epochs is not None and params.epochs > settings.max_epochs:
+        raise UploadRejected(
+            f"epochs={params.epochs} is above the server limit of {settings.max_epochs} (SP2OT_MAX_EPOCHS)."
+        )
+    return {
+        "n_clusters": params.n_clusters,
+        "backbone": params.backbone or settings.default_backbone,
+        "mode": params.mode or settings.default_mode,
+        "epochs": params.epochs,
+        "formulation": params.formulation or settings.default_formulation,
+        "init": params.init or settings.default_init,
+        "seed": params.seed,
+    }
 
 
 def _check_k(n_clusters: int, n_images: int) -> None:
@@ -160,7 +184,7 @@ def _create_from_upload(
 ) -> tuple[JobRecord, bool]:
     """Runs in a worker thread: extract + scan + validate, then the job row. Cleans up on error."""
     params = _parse_params({k: v for k, v in form.fields.items() if k != "dataset_id"})
-    opts = resolve_options(params, settings)
+    opts = _job_options(params, settings)
     archive = form.files.get("archive")
     dataset_id = form.fields.get("dataset_id") or None
     if archive is not None and dataset_id:
@@ -224,7 +248,7 @@ def _create_dataset_job(s, job_id: str, owner: Owner, ds: Dataset, idem_key: str
 
 def _create_from_dataset(db: Database, settings: Settings, storage: Storage, owner: Owner,
                          body: JobFromDataset, idem_key: str | None) -> tuple[JobRecord, bool]:
-    opts = resolve_options(body, settings)
+    opts = _job_options(body, settings)
     with db.session() as s:
         # Locks the dataset row so that it cannot be deleted while the job is being created.
         ds = crud.get_dataset(s, owner, body.dataset_id, for_update=True)
@@ -261,7 +285,7 @@ async def create_job(
 
     * `multipart/form-data`: the images as an archive in field **archive** (zip, tar,
       tar.gz, tar.bz2, tar.xz) or a **dataset_id**, plus **n_clusters** and the optional
-      fields backbone, mode, epochs, formulation, seed, and an optional ground-truth CSV
+      fields backbone, mode, epochs, formulation, init, seed, and an optional ground-truth CSV
       `filename,label` in field **truth**.
     * `application/json`: `{"dataset_id": "...", "n_clusters": 10, ...}`.
 
@@ -347,10 +371,10 @@ def list_jobs(
     statuses = None
     if status:
         statuses = {s.strip().lower() for v in status for s in v.split(",") if s.strip()}
-        bad = statuses - set(JobStatus.ALL)
+        bad = statuses - set(JobStatus)
         if bad:
             raise UploadRejected(
-                f"Unknown status {', '.join(sorted(bad))}. Use one of: {', '.join(JobStatus.ALL)}."
+                f"Unknown status {', '.join(sorted(bad))}. Use one of: {', '.join(JobStatus)}."
             )
     rows, total = repository.list_jobs(session, owner, limit, offset, statuses, dataset_id)
     return JobList(items=[job_out(request, j) for j in rows], total=total, limit=limit, offset=offset)
