@@ -357,6 +357,20 @@ def test_verify_from_manifest_skips_damaged_pixels(tmp_path):
         assert col.names == ["ok.png"] and "truncated" in dict(col.skipped)["cut.jpg"]
 
 
+def test_keep_the_decompressed_tar_of_a_compressed_one(tmp_path):
+    files = {"a.png": png(4, 4, (200, 0, 0)), "b.png": png(3, 3)}
+    arc = make_tar(tmp_path / "a.tar.xz", files, "w:xz")
+    kept = tmp_path / "spool" / "plain.tar"
+    m = inspect_archive(arc, cache_dir=tmp_path / "spool", keep_decompressed=kept)
+    assert m.kind == "tar" and m.source_bytes == kept.stat().st_size and m.names == ["a.png", "b.png"]
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == ["plain.tar"]
+    with ImageCollection.from_manifest(kept, m) as col:  # read by offset, no decompression
+        assert col.load(0).getpixel((0, 0)) == (200, 0, 0)
+    zipped = make_zip(tmp_path / "a.zip", files)
+    assert inspect_archive(zipped, keep_decompressed=tmp_path / "unused.tar").kind == "zip"
+    assert not (tmp_path / "unused.tar").exists()
+
+
 def test_open_source_of_a_compressed_tar_owns_its_spool(tmp_path):
     arc = make_tar(tmp_path / "a.tar.gz", {"a.png": png(4, 4)}, "w:gz")
     source = open_source(arc, cache_dir=tmp_path / "spool")

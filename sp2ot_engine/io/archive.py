@@ -67,6 +67,7 @@ images through the manifest.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import lzma
 import os
@@ -534,10 +535,21 @@ def build_manifest(source: Source, limits: Limits | None = None) -> Manifest:
 
 
 def inspect_archive(path: str | os.PathLike, limits: Limits | None = None, *,
-                    cache_dir: str | os.PathLike | None = None) -> Manifest:
-    """:func:`open_source` + :func:`build_manifest`, closing the source (and its spool file)."""
+                    cache_dir: str | os.PathLike | None = None,
+                    keep_decompressed: str | os.PathLike | None = None) -> Manifest:
+    """:func:`open_source` + :func:`build_manifest`, closing the source (and its spool file).
+
+    ``keep_decompressed``: for a compressed tar, where to keep the decompressed tar the rules
+    read (a path on the file system of ``cache_dir``, moved there rather than deleted); the
+    manifest then describes that file (kind ``"tar"``), so a reader of the stored upload never
+    decompresses it again. Other kinds leave it untouched.
+    """
     source = open_source(path, limits, cache_dir=cache_dir)
     try:
-        return build_manifest(source, limits)
+        manifest = build_manifest(source, limits)
+        if keep_decompressed is not None and isinstance(source, TarSource) and source.path != source.original:
+            os.replace(source.path, keep_decompressed)  # the source's close() finds nothing left to delete
+            manifest = dataclasses.replace(manifest, kind="tar", source_bytes=os.path.getsize(keep_decompressed))
+        return manifest
     finally:
         source.close()
