@@ -78,7 +78,8 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(512))
-    # Folder of the extracted images, relative to the data dir.
+    # The stored upload (its manifest next to it), relative to the data dir; stored before
+    # manifests existed: a folder of extracted images.
     files_path: Mapped[str] = mapped_column(String(1024))
     archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     uncompressed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -104,8 +105,8 @@ class Job(Base):
         ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
     )
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    # Folder of the images the job clusters, relative to the data dir; owned by the job
-    # (deleted with it) unless it is a dataset's folder.
+    # The stored upload the job clusters (or a folder of images, see Dataset.files_path),
+    # relative to the data dir; owned by the job (deleted with it) unless it is a dataset's.
     input_path: Mapped[str] = mapped_column(String(1024))
     owns_input: Mapped[bool] = mapped_column(Boolean, default=True)
     input_name: Mapped[str] = mapped_column(String(512), default="")

@@ -14,7 +14,10 @@ Guarantees (the state changes themselves are :mod:`app.jobs.repository`'s):
   change); the cancel flag is read at most every ``cancel_check_interval`` seconds, from
   the engine's ``should_stop`` callback, i.e. between training steps;
 * a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds; when
-  it stops (the worker died), the API's reaper ends or re-queues the job.
+  it stops (the worker died), the API's reaper ends or re-queues the job;
+* **the upload is not scanned again**: the estimator reads the images through the manifest the
+  API wrote next to the stored upload (and decodes each once, skipping damaged pixel data);
+  its ``skipped_`` starts from the manifest's, so it is the job's whole list.
 """
 from __future__ import annotations
 
@@ -27,12 +30,13 @@ import threading
 import time
 from typing import Any
 
-from app.archives import read_truth
 from app.core.config import Settings
 from app.core.db import Database
 from app.jobs import repository
 from app.models import JobStatus
 from app.storage import Storage
+from sp2ot_engine.io.archive import manifest_path
+from sp2ot_engine.io.labels_csv import read_truth
 from sp2ot_engine.options import PROGRESS_FIELDS, PROGRESS_TYPES, ProgressField, Stage
 
 log = logging.getLogger("sp2ot.worker")
@@ -193,13 +197,12 @@ def _evaluation(storage: Storage, job_id: str, filenames: list[str], labels) -> 
     return info
 
 
-def _merge_skipped(*lists) -> list[tuple[str, str]]:
-    seen: dict[str, str] = {}
-    for lst in lists:
-        for item in lst or []:
-            name, reason = (item[0], item[1]) if not isinstance(item, dict) else (item["name"], item["reason"])
-            seen.setdefault(str(name), str(reason))
-    return sorted(seen.items())
+def engine_input(storage: Storage, job: repository.JobRecord) -> str:
+    """What the estimator reads: the manifest next to the stored upload (no scan), or, for a
+    job stored before uploads had manifests, its folder of extracted images."""
+    stored = storage.abs(job.input_path)
+    manifest = manifest_path(stored)
+    return str(manifest if manifest.is_file() else stored)
 
 
 def execute_job(
@@ -246,7 +249,7 @@ def execute_job(
             if settings.batch_size:
                 kwargs["batch_size"] = settings.batch_size
             est = cls(**kwargs)
-            est.fit(str(storage.abs(job.input_path)), progress=run.progress, should_stop=run.should_stop)
+            est.fit(engine_input(storage, job), progress=run.progress, should_stop=run.should_stop)
         except Cancelled:
             reason = run.stop_reason or "cancel"
             if reason == "cancel":
@@ -309,7 +312,7 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
     if not (len(filenames) == len(labels) == len(confidences)):
         raise RuntimeError("the estimator returned lists of different lengths")
     sizes = [int(x) for x in est.cluster_sizes_]
-    skipped = _merge_skipped(job.input_skipped, getattr(est, "skipped_", []))
+    skipped = sorted((str(name), str(reason)) for name, reason in getattr(est, "skipped_", []))
     summary = {
         "n_images": len(filenames), "n_clusters": job.n_clusters, "cluster_sizes": sizes,
         "n_skipped": len(skipped),

@@ -1,11 +1,8 @@
 """/jobs: create (archive upload or dataset), follow, download results, cancel, delete."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import os
 from typing import Annotated, Any
 
 import anyio
@@ -24,7 +21,6 @@ from app.api.deps import (
     StorageDep,
     UploadDirDep,
 )
-from app.archives import parse_truth, prepare_upload, write_truth
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.security import Owner
@@ -41,7 +37,9 @@ from app.schemas import (
     MetricsOut,
 )
 from app.storage import Storage
-from app.uploads import ReceivedForm, receive_multipart
+from app.uploads.form import ReceivedForm, receive_multipart
+from app.uploads.ingest import check_upload, image_names, read_upload_truth, store_upload
+from sp2ot_engine.io.labels_csv import format_labels, write_truth
 from sp2ot_engine.options import BACKBONES, FORMULATIONS, INITS, MODES
 
 log = logging.getLogger("sp2ot.api")
@@ -170,19 +168,11 @@ def _find_idempotent(db: Database, owner: Owner, key: str) -> JobRecord | None:
         return repository.find_by_idempotency_key(s, owner, key)
 
 
-def _image_names_of_folder(root) -> list[str]:
-    names = []
-    for dirpath, _dirs, files in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for f in files:
-            names.append(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}")
-    return names
-
-
 def _create_from_upload(
     db: Database, settings: Settings, storage: Storage, owner: Owner, form: ReceivedForm, idem_key: str | None
 ) -> tuple[JobRecord, bool]:
-    """Runs in a worker thread: extract + scan + validate, then the job row. Cleans up on error."""
+    """Runs in a worker thread: check and store the archive (or find the dataset), the truth
+    CSV, then the job row. Cleans up on error."""
     params = _parse_params({k: v for k, v in form.fields.items() if k != "dataset_id"})
     opts = _job_options(params, settings)
     archive = form.files.get("archive")
@@ -199,18 +189,17 @@ def _create_from_upload(
     job_dir = storage.job_dir(job_id)
     try:
         if archive is not None:
-            prepared = prepare_upload(archive.path, form.workdir / "images", settings)
-            _check_k(params.n_clusters, prepared.n_images)
-            truth_rows = parse_truth(truth.path, prepared.names) if truth is not None else None
-            job_dir.mkdir(parents=True)
-            os.replace(prepared.root, job_dir / "images")
+            checked = check_upload(archive.path, settings)
+            _check_k(params.n_clusters, checked.n_images)
+            truth_rows = read_upload_truth(truth.path, truth.filename, checked.names) if truth is not None else None
+            stored = store_upload(checked, job_dir)
             if truth_rows is not None:
-                write_truth(truth_rows, storage.truth_path(job_id))
+                write_truth(storage.truth_path(job_id), truth_rows)
             with db.session() as s:
                 job, created = repository.create_job(
-                    s, owner, id=job_id, idempotency_key=idem_key, input_path=storage.rel(job_dir / "images"),
-                    owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=prepared.n_images,
-                    input_skipped=[list(x) for x in prepared.skipped], has_truth=truth_rows is not None, **opts,
+                    s, owner, id=job_id, idempotency_key=idem_key, input_path=storage.rel(stored),
+                    owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=checked.n_images,
+                    input_skipped=[list(x) for x in checked.skipped], has_truth=truth_rows is not None, **opts,
                 )
         else:
             with db.session() as s:
@@ -221,11 +210,10 @@ def _create_from_upload(
                 _check_k(params.n_clusters, ds.n_images)
                 truth_rows = None
                 if truth is not None:
-                    skipped = {n for n, _ in ds.skipped}
-                    names = [n for n in _image_names_of_folder(storage.abs(ds.files_path)) if n not in skipped]
-                    truth_rows = parse_truth(truth.path, sorted(names))
+                    names = image_names(storage.abs(ds.files_path))
+                    truth_rows = read_upload_truth(truth.path, truth.filename, names)
                     job_dir.mkdir(parents=True)
-                    write_truth(truth_rows, storage.truth_path(job_id))
+                    write_truth(storage.truth_path(job_id), truth_rows)
                 job, created = _create_dataset_job(s, job_id, owner, ds, idem_key, opts, truth_rows is not None)
         if not created:
             storage.remove_job_files(job_id)
@@ -421,8 +409,9 @@ def _require_success(job: JobRecord, what: str) -> None:
                200: {"content": {"text/csv": {}}, "description": "filename,cluster,confidence"}},
 )
 async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep):
-    """The cluster of every image: CSV `filename,cluster,confidence`, one row per image, in
-    the order of the image names, streamed from the database."""
+    """The cluster of every image: CSV `filename,cluster,confidence` (confidence with 4
+    decimals, as the CLI writes it), one row per image, in the order of the image names,
+    streamed from the database."""
 
     def check() -> None:
         with db.session() as s:
@@ -443,15 +432,12 @@ async def _stream_labels(db: Database, job_id: str):
     try:
         stmt = repository.labels_query(job_id).execution_options(yield_per=CSV_BATCH)
         result = await run_in_threadpool(session.execute, stmt)
-        yield b"filename,cluster,confidence\r\n"
+        yield format_labels([]).encode("utf-8")  # the header
         while True:
             rows = await run_in_threadpool(result.fetchmany, CSV_BATCH)
             if not rows:
                 break
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerows((f, c, f"{p:.6f}") for f, c, p in rows)
-            yield buf.getvalue().encode("utf-8")
+            yield format_labels(rows, header=False).encode("utf-8")
     finally:
         with anyio.CancelScope(shield=True):
             await run_in_threadpool(session.close)
