@@ -88,7 +88,8 @@ class JobOut(_Out):
     status: JobStatus
     dataset_id: str | None
     input_name: str = Field(description="Name of the uploaded archive or dataset.")
-    n_images: int = Field(description="Images found in the upload.")
+    n_images: int = Field(description="Images found in the upload by their headers (the worker skips those whose "
+                          "pixel data turns out damaged: see the summary).")
     options: JobOptions
     has_truth: bool
     progress: JobProgress
@@ -152,11 +153,11 @@ class DatasetLinks(BaseModel):
 class DatasetOut(_Out):
     id: str
     name: str
-    n_images: int
+    n_images: int = Field(description="Images found in the archive by their headers.")
     n_skipped: int
-    skipped: list[SkippedFile]
-    archive_bytes: int
-    uncompressed_bytes: int
+    skipped: list[SkippedFile] = Field(description="Files not used and why (first 1000).")
+    archive_bytes: int = Field(description="Size of the archive as uploaded.")
+    uncompressed_bytes: int = Field(description="Total size of its images, uncompressed.")
     created_at: datetime
     links: DatasetLinks
 

@@ -87,7 +87,8 @@ _MULTIPART_SCHEMA = {
                     "description": "zip, tar, tar.gz, tar.bz2 or tar.xz of the images (or give dataset_id)"},
         "dataset_id": {"type": "string", "description": "cluster a dataset uploaded with POST /datasets instead"},
         "truth": {"type": "string", "format": "binary",
-                  "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics)"},
+                  "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics; "
+                                 "header optional, comma, semicolon or tab)"},
         "n_clusters": {"type": "integer", "minimum": 2},
         "backbone": {"type": "string", "enum": list(BACKBONES)},
         "mode": {"type": "string", "enum": list(MODES)},
