@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.read_pool = make_read_pool(settings)
         app.state.storage = storage
         app.state.job_queue = make_queue(settings, db)
-        # The image scanner pulls in torch: import it now rather than during the first upload.
+        # The archive checks' image-header readers: load them now rather than during the first upload.
         await run_in_threadpool(_warm_up)
         await run_in_threadpool(app.state.job_queue.recover, db)
         app.state.reaper = Reaper(settings, db, storage, app.state.job_queue).start()
@@ -160,9 +160,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _warm_up() -> None:
     try:
-        import sp2ot_engine.io.collection  # noqa: F401
+        from PIL import Image
+
+        import sp2ot_engine.io.archive  # noqa: F401
+
+        Image.init()  # every Pillow format plugin (the header readers)
     except Exception:  # pragma: no cover - reported on first use
-        log.warning("cannot import sp2ot_engine.io.collection", exc_info=True)
+        log.warning("cannot load the archive checks", exc_info=True)
 
 
 def __getattr__(name: str):

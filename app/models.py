@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from sp2ot_engine.options import Init, StrEnum
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -33,16 +35,21 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class JobStatus:
+class JobStatus(StrEnum):
+    """The states of a job (``app.jobs.repository`` has the moves between them); members equal
+    their strings, as stored in ``jobs.status``."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    ACTIVE = (QUEUED, RUNNING)
-    TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+# Groups of states, set after the class: in its body they would become members.
+JobStatus.ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)  # type: ignore[attr-defined]
+JobStatus.TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)  # type: ignore[attr-defined]
+JobStatus.ALL = tuple(JobStatus)  # type: ignore[attr-defined]
 
 
 class Base(DeclarativeBase):
@@ -71,7 +78,8 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(512))
-    # Folder of the extracted images, relative to the data dir.
+    # The stored upload (its manifest next to it), relative to the data dir; stored before
+    # manifests existed: a folder of extracted images.
     files_path: Mapped[str] = mapped_column(String(1024))
     archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     uncompressed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -97,8 +105,8 @@ class Job(Base):
         ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
     )
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    # Folder of the images the job clusters, relative to the data dir; owned by the job
-    # (deleted with it) unless it is a dataset's folder.
+    # The stored upload the job clusters (or a folder of images, see Dataset.files_path),
+    # relative to the data dir; owned by the job (deleted with it) unless it is a dataset's.
     input_path: Mapped[str] = mapped_column(String(1024))
     owns_input: Mapped[bool] = mapped_column(Boolean, default=True)
     input_name: Mapped[str] = mapped_column(String(512), default="")
@@ -108,6 +116,7 @@ class Job(Base):
     mode: Mapped[str] = mapped_column(String(20))
     epochs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     formulation: Mapped[str] = mapped_column(String(40))
+    init: Mapped[str] = mapped_column(String(20), default=Init.AUTO.value, server_default=Init.AUTO.value)
     seed: Mapped[int] = mapped_column(Integer, default=0)
     has_truth: Mapped[bool] = mapped_column(Boolean, default=False)
     # Images found and files skipped when the upload was checked (before training).

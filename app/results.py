@@ -212,7 +212,7 @@ def evaluation(session: Session, job_id: str, truth_path: Path, version: str) ->
 def _evaluate(session: Session, job_id: str, truth_path: Path) -> dict[str, Any]:
     import numpy as np
 
-    from app.archives import read_truth
+    from sp2ot_engine.io.labels_csv import read_truth
     from sp2ot_engine.metrics import evaluate, group_sizes, match_clusters
 
     truth = read_truth(truth_path) if truth_path.is_file() else {}

@@ -1,12 +1,15 @@
-"""Request and response bodies (pydantic v2)."""
+"""Request and response bodies (pydantic v2). The engine's choices (backbones, modes,
+formulations, inits) and the job statuses are enums, so OpenAPI lists their values; the
+progress fields are :data:`sp2ot_engine.options.PROGRESS_FIELDS`."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from app.models import JobStatus
+from sp2ot_engine.options import PROGRESS_TYPES, Backbone, Formulation, Init, Mode
 
 
 class ErrorOut(BaseModel):
@@ -31,11 +34,12 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_clusters: int = Field(ge=2, description="Number of clusters K (2 <= K <= number of images).")
-    backbone: str | None = Field(None, max_length=100, description="Feature extractor (default efficientnet_lite0).")
-    mode: str | None = Field(None, max_length=20, description="Training schedule (default fast).")
+    backbone: Backbone | None = Field(None, description="Feature extractor (default efficientnet_lite0).")
+    mode: Mode | None = Field(None, description="Training schedule (default fast).")
     epochs: int | None = Field(None, ge=1, description="Training epochs (default: the mode's).")
-    formulation: str | None = Field(None, max_length=40, description="OT formulation (default sp2ot).")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    formulation: Formulation | None = Field(None, description="OT formulation (default sp2ot).")
+    init: Init | None = Field(None, description="How the cluster head starts (default auto).")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Random seed (the estimator's random_state).")
 
 
 class JobFromDataset(JobParams):
@@ -51,14 +55,9 @@ class JobLinks(BaseModel):
     cancel: str
 
 
-class JobProgress(BaseModel):
-    stage: str | None = None
-    percent: float | None = None
-    epoch: int | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    rho: float | None = None
+# One optional field per progress field of the engine (stage: the engine's stages, or the
+# job's state when it is queued, failed or cancelled).
+JobProgress = create_model("JobProgress", **{name: (Optional[kind], None) for name, kind in PROGRESS_TYPES.items()})
 
 
 class SkippedFile(BaseModel):
@@ -76,19 +75,21 @@ class JobSummary(BaseModel):
 
 class JobOptions(BaseModel):
     n_clusters: int
-    backbone: str
-    mode: str
+    backbone: Backbone
+    mode: Mode
     epochs: int | None
-    formulation: str
+    formulation: Formulation
+    init: Init
     seed: int
 
 
 class JobOut(_Out):
     id: str
-    status: JobStatusName
+    status: JobStatus
     dataset_id: str | None
     input_name: str = Field(description="Name of the uploaded archive or dataset.")
-    n_images: int = Field(description="Images found in the upload.")
+    n_images: int = Field(description="Images found in the upload by their headers (the worker skips those whose "
+                          "pixel data turns out damaged: see the summary).")
     options: JobOptions
     has_truth: bool
     progress: JobProgress
@@ -154,11 +155,11 @@ class DatasetLinks(BaseModel):
 class DatasetOut(_Out):
     id: str
     name: str
-    n_images: int
+    n_images: int = Field(description="Images found in the archive by their headers.")
     n_skipped: int
-    skipped: list[SkippedFile]
-    archive_bytes: int
-    uncompressed_bytes: int
+    skipped: list[SkippedFile] = Field(description="Files not used and why (first 1000).")
+    archive_bytes: int = Field(description="Size of the archive as uploaded.")
+    uncompressed_bytes: int = Field(description="Total size of its images, uncompressed.")
     created_at: datetime
     links: DatasetLinks
 

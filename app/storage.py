@@ -5,9 +5,13 @@ Layout::
     <data_dir>/sp2ot.db                SQLite database (default database only)
     <data_dir>/tmp/proc-<uuid>/        uploads being received / checked by one API process
                upload-<uuid>/          (removed afterwards; an area whose process died, at start-up)
-    <data_dir>/datasets/<id>/images/   extracted images of a dataset
-    <data_dir>/jobs/<id>/images/       extracted images of a job created from an archive
+    <data_dir>/datasets/<id>/upload.zip                 a dataset's archive as uploaded (a compressed
+    <data_dir>/datasets/<id>/upload.zip.manifest.json   tar: upload.tar, decompressed) and its manifest
+    <data_dir>/jobs/<id>/upload.zip (+ .manifest.json)  the same for a job created from an archive
     <data_dir>/jobs/<id>/truth.csv     its ground-truth labels (optional)
+
+Uploads stored before manifests existed are folders of extracted images (``.../images/``);
+they are still read (scanned) as such.
 
 Paths stored in the database are relative to the data dir, so the API and the workers may
 mount it at different places.

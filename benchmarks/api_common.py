@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -39,12 +40,35 @@ def check_loopback(url: str) -> None:
         raise SystemExit(f"refusing to benchmark {url}: only servers on this machine (127.0.0.1) are allowed")
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``/proc/<pid>/status`` in bytes: ``VmRSS`` (now) or ``VmHWM`` (peak)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+class Sampler(threading.Thread):
+    """Samples a process's RSS every ``period`` seconds until :meth:`stop` (which returns the peak)."""
+
+    def __init__(self, pid: int, period: float = 0.02):
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.peak = 0
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.samples += 1
+            time.sleep(self.period)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return self.peak
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -96,9 +120,9 @@ class Server:
 
 
 @contextmanager
-def stack(mode: str, estimator: str, **extra: str):
-    """Yields (server, env, workdir). mode: "celery" (PostgreSQL + Redis + a worker process)
-    or "embedded" (SQLite + in-process worker)."""
+def stack(mode: str, estimator: str, *, with_worker: bool = True, **extra: str):
+    """Yields (server, env, workdir). mode: "celery" (PostgreSQL + Redis + a worker process,
+    none with ``with_worker=False``: jobs stay queued) or "embedded" (SQLite + in-process worker)."""
     workdir = Path(tempfile.mkdtemp(prefix="sp2ot-bench-"))
     dbname = None
     ns = None
@@ -118,7 +142,7 @@ def stack(mode: str, estimator: str, **extra: str):
                               redis=ns, estimator=estimator, SP2OT_PROGRESS_INTERVAL="0.5",
                               SP2OT_CANCEL_CHECK_INTERVAL="0.5", SP2OT_HEARTBEAT_INTERVAL="5",
                               SP2OT_HEARTBEAT_TIMEOUT="60", SP2OT_BROKER_VISIBILITY_TIMEOUT="3600", **extra)
-            worker = WorkerProcess(env, workdir / "worker.log", "bench").start()
+            worker = WorkerProcess(env, workdir / "worker.log", "bench").start() if with_worker else None
         else:
             env = service_env(data_dir=workdir / "data", estimator=estimator, SP2OT_PROGRESS_INTERVAL="0.5",
                               SP2OT_CANCEL_CHECK_INTERVAL="0.5", **extra)

@@ -2,8 +2,8 @@
 
 Generates a ~1 GB zip on disk (stored, incompressible random blobs plus a few images),
 starts ``sp2ot serve`` on 127.0.0.1 (embedded mode: SQLite, local files), uploads it to
-``POST /datasets`` (the same streaming upload, archive checks, extraction and image scan
-as ``POST /jobs``, without starting a job) and samples the server's RSS every 20 ms.
+``POST /datasets`` (the same streaming upload and archive checks as ``POST /jobs``, without
+starting a job) and samples the server's RSS every 20 ms.
 Prints the baseline (after a warm-up upload), the peak and the growth. Target: < 100 MB.
 
     python benchmarks/api_upload.py                 # 1 GiB
@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api_common import rss_bytes, stack  # noqa: E402
+from api_common import Sampler, rss_bytes, stack  # noqa: E402
 from service_fixtures import image_set, make_zip  # noqa: E402
 
 import httpx  # noqa: E402
@@ -38,26 +37,6 @@ def make_archive(path: Path, size_mb: int, blob_mb: int = 1) -> int:
     return path.stat().st_size
 
 
-class Sampler(threading.Thread):
-    def __init__(self, pid: int, period: float = 0.02):
-        super().__init__(daemon=True)
-        self.pid, self.period = pid, period
-        self.peak = 0
-        self.samples = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
-            self.samples += 1
-            time.sleep(self.period)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return self.peak
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=1024)
@@ -71,7 +50,7 @@ def main() -> int:
         print(f"archive {size / MiB:.0f} MiB generated in {time.perf_counter() - t0:.1f}s; server {server.url}")
         pid = server.proc.pid
         with httpx.Client(base_url=server.url, timeout=args.timeout) as c:
-            # Warm-up: every code path of an upload once (parser, extraction, scan threads).
+            # Warm-up: every code path of an upload once (parser, archive checks).
             r = c.post("/datasets", files={"archive": ("warm.zip", make_zip(image_set(10)), "application/zip")})
             r.raise_for_status()
             time.sleep(1)
@@ -89,8 +68,8 @@ def main() -> int:
             return 1
         ds = r.json()
         growth = (peak - baseline) / MiB
-        print(f"uploaded {size / MiB:.0f} MiB in {elapsed:.1f}s ({size / MiB / elapsed:.0f} MiB/s incl. extraction "
-              f"and scan): {ds['n_images']} images, {ds['n_skipped']} files skipped")
+        print(f"uploaded {size / MiB:.0f} MiB in {elapsed:.1f}s ({size / MiB / elapsed:.0f} MiB/s incl. the "
+              f"archive checks): {ds['n_images']} images, {ds['n_skipped']} files skipped")
         print(f"API RSS: baseline {baseline / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB, after {after / MiB:.0f} MiB "
               f"({sampler.samples} samples)")
         print(f"RSS growth during the upload: {growth:.1f} MiB -> target < 100 MB: "

@@ -90,7 +90,7 @@ def child(args) -> None:
             current[0] = info["stage"]
 
     est = SP2OTClustering(args.k, mode="fast", epochs=args.epochs, init=args.init, knn=args.knn,
-                          device="cpu", seed=args.seed)
+                          device="cpu", random_state=args.seed)
     _reset_peak()
     base = _status_kib("VmRSS:") * 1024
     t = time.perf_counter()

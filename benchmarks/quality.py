@@ -83,14 +83,14 @@ def fit_predict(row: str, x_train: np.ndarray, x_test: np.ndarray, k: int, seed:
         return train, test, time.perf_counter() - t
     from sp2ot_engine import SP2OTClustering
 
-    est = SP2OTClustering(k, formulation=row, epochs=epochs, mode=mode, init=init, seed=seed, device="cpu",
+    est = SP2OTClustering(k, formulation=row, epochs=epochs, mode=mode, init=init, random_state=seed, device="cpu",
                           **image_options)
     if mode == "fast":
         train = est.fit(x_train).labels_
         return train, est.predict(x_test), time.perf_counter() - t
     est.fit(x_train)
-    test = est.predict(x_test)
-    return (in_index_order(est.filenames_, est.labels_), in_index_order(est.predict_filenames_, test),
+    test_names, test = est.predict_images(x_test)
+    return (in_index_order(est.filenames_, est.labels_), in_index_order(test_names, test),
             time.perf_counter() - t)
 
 

@@ -246,7 +246,7 @@ def _cluster(args) -> int:
     est = SP2OTClustering(
         args.k, backbone=args.backbone, checkpoint=args.checkpoint, mode=args.mode, epochs=args.epochs,
         formulation=args.formulation, init=args.init, batch_size=args.batch_size, input_size=args.input_size,
-        device=args.device, num_workers=args.workers, seed=args.seed,
+        device=args.device, num_workers=args.workers, random_state=args.seed,
     )
     with _progress(enabled=not args.quiet) as progress:
         est.fit(X, progress=progress)

@@ -1,24 +1,30 @@
 """``SP2OTClustering``: deep imbalanced clustering of images (or any feature matrix).
 
-A scikit-learn style estimator (``fit``, ``predict``, ``fit_predict``; parameters in
-``__init__``; fitted attributes end in ``_``) around the SP2OT training of
-:mod:`sp2ot_engine.training`.
+A scikit-learn estimator (``fit``, ``predict``, ``fit_predict``; parameters in ``__init__``,
+checked by ``_parameter_constraints`` when ``fit`` starts; fitted attributes end in ``_``;
+``random_state``; ``check_estimator`` passes on feature matrices, see
+``tests/test_sklearn_conformance.py``) around the SP2OT training of :mod:`sp2ot_engine.training`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.base import BaseEstimator, ClusterMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from sp2ot_engine.errors import Cancelled
-from sp2ot_engine.graph import all_finite
-from sp2ot_engine.options import TRANSPORT_FORMULATIONS as FORMULATIONS
-from sp2ot_engine.ot import rho_schedule
+from sp2ot_engine.io.archive import Manifest, upload_of_manifest
+from sp2ot_engine.io.collection import ImageCollection
+from sp2ot_engine.options import FORMULATIONS, INITS, KERNELS, MODES, PROGRESS_FIELDS, RHO_SCHEDULES
 from sp2ot_engine.training import (
     CosineHead,
     TrainConfig,
@@ -28,8 +34,6 @@ from sp2ot_engine.training import (
     train_head,
 )
 
-MODES = ("fast", "full")
-ALL_FORMULATIONS = ("sp2ot", *FORMULATIONS)
 DEFAULT_EPOCHS = {"fast": 30, "full": 50}
 AUTO_INIT_STEPS = 200
 
@@ -55,8 +59,27 @@ def spherical_kmeans(features: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(km.centroids.copy())
 
 
-def _is_path(x: Any) -> bool:
-    return isinstance(x, (str, os.PathLike))
+def _is_images(x: Any) -> bool:
+    """A folder, archive or manifest path, or an :class:`ImageCollection` (else: a feature matrix)."""
+    return isinstance(x, (str, os.PathLike, ImageCollection))
+
+
+def _seed(random_state) -> int:
+    """The integer seed of a fit: an int ``random_state`` is the seed itself (so a seed gives the
+    same run as before ``random_state`` replaced ``seed``); None or a ``RandomState`` draws one."""
+    if isinstance(random_state, Integral):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """torch's global generator seeded for the block and restored after it: torchvision's random
+    augmentations (full mode, in this process) draw from it and take no generator."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class SP2OTClustering(ClusterMixin, BaseEstimator):
@@ -86,15 +109,45 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         background: colour transparent pixels are flattened onto.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         num_workers: image-decoding worker processes.
-        seed: random seed (runs are deterministic on CPU for a given seed).
+        random_state: an int seed (default 0; runs are deterministic on CPU for a given int),
+            None or a ``numpy.random.RandomState``. ``fit`` seeds its own generators from it and
+            leaves the global torch and numpy generators as they were.
 
     Fitted attributes:
         labels_ (``N``), confidences_ (``N``, each sample's transport mass on its cluster),
         cluster_sizes_ (``K``), filenames_ (``N`` names; ``"0".."N-1"`` for matrices),
         skipped_ (``(name, reason)`` of unreadable files), history_ (per-epoch loss and rho),
-        best_epoch_, n_features_in_, fit_seconds_, features_ (``N x d`` float32: the features the
-        labels were predicted from, e.g. for a 2-D map of the images).
+        best_epoch_, n_features_in_ (features per sample: the backbone's for images),
+        fitted_on_ (``"images"`` or ``"features"``), fit_seconds_, features_ (``N x d`` float32: the
+        features the labels were predicted from, e.g. for a 2-D map of the images).
     """
+
+    _parameter_constraints: dict = {
+        "n_clusters": [Interval(Integral, 2, None, closed="left")],
+        "backbone": [str],
+        "checkpoint": [str, os.PathLike, None],
+        "mode": [StrOptions(set(MODES))],
+        "epochs": [Interval(Integral, 1, None, closed="left"), None],
+        "formulation": [StrOptions(set(FORMULATIONS))],
+        "batch_size": [Interval(Integral, 2, None, closed="left")],
+        "bank_batches": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "lr_min": [Interval(Real, 0, None, closed="left")],
+        "rho0": [Interval(Real, 0, 1, closed="right")],
+        "rho_schedule": [StrOptions(set(RHO_SCHEDULES))],
+        "eps": [Interval(Real, 0, None, closed="neither")],
+        "lam": [Interval(Real, 0, None, closed="neither")],
+        "lam_s": [Interval(Real, 0, None, closed="left")],
+        "knn": [Interval(Integral, 1, None, closed="left")],
+        "sigma": [Interval(Real, 0, None, closed="neither")],
+        "kernel": [StrOptions(set(KERNELS))],
+        "input_size": [Interval(Integral, 1, None, closed="left"), None],
+        "init": [StrOptions(set(INITS))],
+        "background": [str, tuple, list],
+        "device": [str],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "random_state": ["random_state"],
+    }
 
     def __init__(self, n_clusters: int = 10, *, backbone: str = "efficientnet_lite0", checkpoint: str | None = None,
                  mode: str = "fast", epochs: int | None = None, formulation: str = "sp2ot", batch_size: int = 512,
@@ -102,7 +155,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                  rho_schedule: str = "sigmoid", eps: float = 0.1, lam: float = 1.0, lam_s: float = 1000.0,
                  knn: int = 20, sigma: float = 2.0, kernel: str = "gaussian", input_size: int | None = None,
                  init: str = "auto", background: str = "white", device: str = "auto", num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 random_state: int | np.random.RandomState | None = 0) -> None:
         self.n_clusters = n_clusters
         self.backbone = backbone
         self.checkpoint = checkpoint
@@ -126,75 +179,60 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         self.background = background
         self.device = device
         self.num_workers = num_workers
-        self.seed = seed
+        self.random_state = random_state
 
     # ------------------------------------------------------------------------------ checks
 
-    def _validate_params(self) -> None:
-        if not isinstance(self.n_clusters, (int, np.integer)) or isinstance(self.n_clusters, bool) or self.n_clusters < 2:
-            raise ValueError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.formulation not in ALL_FORMULATIONS:
-            raise ValueError(f"formulation must be one of {', '.join(ALL_FORMULATIONS)}, got {self.formulation!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, (int, np.integer)) or self.epochs < 1):
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
-        if self.bank_batches < 1:
-            raise ValueError(f"bank_batches must be >= 1, got {self.bank_batches}")
-        if not 0 < self.rho0 <= 1:
-            raise ValueError(f"rho0 must be in (0, 1], got {self.rho0}")
-        rho_schedule(0, 1, self.rho0, self.rho_schedule)  # validates the kind
-        if self.init not in ("auto", "kmeans", "random"):
-            raise ValueError(f"init must be 'auto', 'kmeans' or 'random', got {self.init!r}")
-        if self.kernel not in ("gaussian", "cosine"):
-            raise ValueError(f"kernel must be 'gaussian' or 'cosine', got {self.kernel!r}")
-
-    def _config(self, n: int) -> TrainConfig:
+    def _config(self, n: int, seed: int) -> TrainConfig:
         epochs = self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.mode]
         return TrainConfig(n_clusters=int(self.n_clusters), epochs=int(epochs), batch_size=min(self.batch_size, n),
                            bank_batches=self.bank_batches, lr=self.lr, lr_min=self.lr_min, rho0=self.rho0,
                            rho_kind=self.rho_schedule, eps=self.eps, lam=self.lam, lam_s0=self.lam_s,
-                           formulation=self.formulation, seed=self.seed)
+                           formulation=self.formulation, seed=seed)
 
     # ------------------------------------------------------------------------------ fit
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, *, progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] | None = None) -> "SP2OTClustering":
-        """Cluster ``X``: a folder or archive of images (path), or an ``N x d`` feature matrix.
+        """Cluster ``X``: images (a folder or archive path; a manifest path ``*.manifest.json``
+        written by :meth:`sp2ot_engine.io.archive.Manifest.write` next to its archive, read
+        without scanning again; or an :class:`~sp2ot_engine.io.collection.ImageCollection`,
+        used as it is and left open), or an ``N x d`` feature matrix.
 
-        ``progress(info)`` receives ``{stage, percent, epoch, step, total_steps, loss, rho}``;
-        ``should_stop()`` is polled between steps and raises :class:`Cancelled` when True.
-        Raises ``ValueError`` for bad input (no readable image, ``K`` larger than ``N``, ...).
+        ``progress(info)`` receives a dict with every key of
+        :data:`sp2ot_engine.options.PROGRESS_FIELDS`; ``should_stop()`` is polled between steps
+        and raises :class:`Cancelled` when True. Raises ``ValueError`` for bad input (no
+        readable image, ``K`` larger than ``N``, ...).
         """
-        self._validate_params()
         t_start = time.perf_counter()
         report = _Reporter(progress)
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed % 2**32)
+        seed = _seed(self.random_state)
         from sp2ot_engine.backbones import resolve_device
 
         device = resolve_device(self.device)
         self.device_ = str(device)
 
         backbone = collection = None
-        if _is_path(X):
-            collection = self._scan(X, report)
+        owns_collection = False
+        if _is_images(X):
+            collection, owns_collection = self._scan(X, report)
             backbone = self._make_backbone(device)
             features = self._extract(backbone, collection, device, report, should_stop)
             self.filenames_ = list(collection.names)
             self.skipped_ = list(collection.skipped)
+            self.fitted_on_ = "images"
+            self.n_features_in_ = int(features.shape[1])
         else:
-            features = self._as_features(X)
+            features = self._as_features(X, reset=True)
             self.filenames_ = [str(i) for i in range(features.shape[0])]
             self.skipped_ = []
+            self.fitted_on_ = "features"
         n = features.shape[0]
         if self.n_clusters > n:
             raise ValueError(f"n_clusters={self.n_clusters} is larger than the number of samples ({n}): "
                              f"ask for at most {n} clusters")
-        self.n_features_in_ = int(features.shape[1])
-        cfg = self._config(n)
+        cfg = self._config(n, seed)
 
         graph = None
         if self.formulation == "sp2ot":
@@ -203,18 +241,19 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
 
             graph = knn_graph(features, k=min(self.knn, n - 1), kernel=self.kernel, sigma=self.sigma,
                               device=device if device.type == "cuda" else "cpu")
-        head = CosineHead(features.shape[1], cfg.n_clusters)
+        head = CosineHead(features.shape[1], cfg.n_clusters, generator=torch.Generator().manual_seed(seed))
         if self.init == "kmeans" or (self.init == "auto" and cfg.epochs * (n // cfg.batch_size) < AUTO_INIT_STEPS):
             report({"stage": "graph", "percent": 50.0})
-            head.weight.data.copy_(spherical_kmeans(features, cfg.n_clusters, self.seed))
+            head.weight.data.copy_(spherical_kmeans(features, cfg.n_clusters, seed))
         head = head.to(device)
         if self.mode == "fast" or backbone is None:
-            batches, steps = feature_batches(features, cfg.batch_size, self.seed)
+            batches, steps = feature_batches(features, cfg.batch_size, seed)
             encoder = None
         else:
             batches, steps, encoder = self._image_batches(collection, backbone, cfg, device)
-        result = train_head(cfg, encoder, head, batches, steps, graph, device,
-                            progress=report, should_stop=should_stop)
+        with _seeded_global_rng(seed, device) if encoder is not None else contextlib.nullcontext():
+            result = train_head(cfg, encoder, head, batches, steps, graph, device,
+                                progress=report, should_stop=should_stop)
         head.load_state_dict(result.head_state)
         if encoder is not None and result.encoder_state is not None:
             encoder.load_state_dict(result.encoder_state)
@@ -233,7 +272,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             self.encoder_state_ = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
         self.fit_seconds_ = time.perf_counter() - t_start
         report({"stage": "done", "percent": 100.0})
-        if collection is not None:
+        if owns_collection:
             collection.close()
         return self
 
@@ -242,40 +281,57 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         return self.fit(X, y, **kwargs).labels_
 
     def predict(self, X) -> np.ndarray:
-        """Assign new images (path) or feature rows to the fitted clusters (argmax of the head)."""
-        return self._predict_logits(X).argmax(dim=1).numpy().astype(np.int64)
+        """The fitted cluster (argmax of the head) of each row of a feature matrix ``X``
+        (``N``), or of each image of a folder/archive/manifest/collection, in the order of its
+        sorted names (:meth:`predict_images` returns the names too). Changes nothing."""
+        return self._predict_logits(X)[0].argmax(dim=1).numpy().astype(np.int64)
 
-    def _predict_logits(self, X) -> torch.Tensor:
-        if not hasattr(self, "head_state_"):
-            raise ValueError("this SP2OTClustering is not fitted yet: call fit first")
+    def predict_images(self, X) -> tuple[list[str], np.ndarray]:
+        """``(names, labels)`` of the images of ``X`` (a folder, archive, manifest path or
+        :class:`~sp2ot_engine.io.collection.ImageCollection`): the names of the images
+        predicted (unreadable files are left out) and their clusters."""
+        if not _is_images(X):
+            raise ValueError("predict_images takes images (a folder, archive, manifest or ImageCollection); "
+                             "use predict for a feature matrix")
+        logits, names = self._predict_logits(X)
+        return names, logits.argmax(dim=1).numpy().astype(np.int64)
+
+    def _predict_logits(self, X) -> tuple[torch.Tensor, list[str] | None]:
+        """Head logits (``N x K``) and, for images, their names."""
+        check_is_fitted(self)
         from sp2ot_engine.backbones import resolve_device
 
         device = resolve_device(self.device)
-        if _is_path(X):
-            if self.n_features_in_ is None or getattr(self, "fitted_on_", "images") != "images":
+        names = None
+        if _is_images(X):
+            if getattr(self, "fitted_on_", "images") != "images":
                 raise ValueError("this model was fitted on a feature matrix: pass features, not images")
-            collection = self._scan(X, _Reporter(None))
-            backbone = self._make_backbone(device)
-            if self.encoder_state_ is not None:
-                backbone.load_state_dict(self.encoder_state_)
-            features = self._extract(backbone, collection, device, _Reporter(None), None)
-            self.predict_filenames_ = list(collection.names)
-            collection.close()
+            collection, owns_collection = self._scan(X, _Reporter(None))
+            try:
+                backbone = self._make_backbone(device)
+                if self.encoder_state_ is not None:
+                    backbone.load_state_dict(self.encoder_state_)
+                features = self._extract(backbone, collection, device, _Reporter(None), None)
+                names = list(collection.names)
+            finally:
+                if owns_collection:
+                    collection.close()
         else:
-            features = self._as_features(X)
-            if features.shape[1] != self.n_features_in_:
-                raise ValueError(f"X has {features.shape[1]} features; the model was fitted on {self.n_features_in_}")
-        head = CosineHead(self.n_features_in_, int(self.n_clusters))
+            features = self._as_features(X, reset=False)
+        head = CosineHead(self.n_features_in_, int(self.n_clusters), generator=torch.Generator())
         head.load_state_dict(self.head_state_)
-        return predict_logits(head.to(device), features, device)
+        return predict_logits(head.to(device), features, device), names
 
     # ------------------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save parameters and fitted state (``torch.save``; reload with :meth:`load`)."""
-        if not hasattr(self, "head_state_"):
-            raise ValueError("nothing to save: the model is not fitted")
-        state = {"params": self.get_params(), "head_state": self.head_state_, "encoder_state": self.encoder_state_,
+        """Save parameters and fitted state (``torch.save``; reload with :meth:`load`). A
+        ``RandomState`` as ``random_state`` is saved as None (the file holds plain values only)."""
+        check_is_fitted(self)
+        params = self.get_params()
+        if not isinstance(params["random_state"], (Integral, type(None))):
+            params["random_state"] = None
+        state = {"params": params, "head_state": self.head_state_, "encoder_state": self.encoder_state_,
                  "n_features_in": self.n_features_in_, "cluster_sizes": self.cluster_sizes_.tolist(),
                  "fitted_on": getattr(self, "fitted_on_", "images"), "version": 1}
         torch.save(state, os.fspath(path))
@@ -286,7 +342,10 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         if not Path(path).is_file():
             raise ValueError(f"model file not found: {path}")
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        est = cls(**state["params"])
+        params = dict(state["params"])
+        if "seed" in params:  # saved before random_state replaced seed
+            params["random_state"] = params.pop("seed")
+        est = cls(**params)
         est.head_state_ = state["head_state"]
         est.encoder_state_ = state["encoder_state"]
         est.n_features_in_ = state["n_features_in"]
@@ -296,35 +355,42 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _as_features(self, X) -> torch.Tensor:
+    def _as_features(self, X, *, reset: bool) -> torch.Tensor:
+        """``X`` checked by scikit-learn's ``validate_data`` (2-D, finite, numeric; to fit
+        (``reset``) at least 2 rows, and it sets ``n_features_in_``, else it checks it) as float32."""
         if isinstance(X, torch.Tensor):
-            x = X.detach().cpu().float()
-        else:
-            try:
-                x = torch.as_tensor(np.asarray(X, dtype=np.float32))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"X must be a path to images or an N x d numeric matrix: {e}") from None
-        if x.ndim != 2:
-            raise ValueError(f"X must be an N x d feature matrix (2-D), got shape {tuple(x.shape)}")
-        if x.shape[0] < 2 or x.shape[1] < 1:
-            raise ValueError(f"X has shape {tuple(x.shape)}: need at least 2 samples and 1 feature")
-        if not all_finite(x.numpy()):
-            raise ValueError("X contains NaN or infinite values")
-        self.fitted_on_ = "features"
-        return x.contiguous()
+            X = X.detach().cpu().numpy()
+        x = validate_data(self, X, dtype=np.float32, order="C", ensure_min_samples=2 if reset else 1, reset=reset)
+        return torch.from_numpy(x if x.flags.writeable else x.copy())
 
-    def _scan(self, path, report: "_Reporter"):
+    def _scan(self, X, report: "_Reporter") -> tuple[ImageCollection, bool]:
+        """The images of ``X`` and whether they are this call's to close: an
+        :class:`ImageCollection` as given (the caller's); a manifest path read with the upload
+        next to it, every image decoded once (damaged pixel data is skipped, as a scan does); a
+        folder or archive scanned."""
         from sp2ot_engine.io.collection import scan_images
 
         report({"stage": "loading", "percent": 0.0})
-        collection = scan_images(path, background=self.background,
-                                 progress=lambda done, total: report({"stage": "loading",
-                                                                      "percent": 100.0 * done / max(total, 1)}))
+
+        def loading(done: int, total: int) -> None:
+            report({"stage": "loading", "percent": 100.0 * done / max(total, 1)})
+
+        upload = None if isinstance(X, ImageCollection) else upload_of_manifest(X)
+        if isinstance(X, ImageCollection):
+            collection, owned = X, False
+        elif upload is not None and os.path.isfile(X):
+            collection = ImageCollection.from_manifest(upload, Manifest.read(X), background=self.background,
+                                                       verify=True, progress=loading)
+            owned = True
+        else:
+            collection, owned = scan_images(X, background=self.background, progress=loading), True
         if len(collection) == 0:
+            if owned:
+                collection.close()
             reasons = "; ".join(f"{n}: {r}" for n, r in collection.skipped[:5])
-            raise ValueError(f"no readable image in {path}" + (f" (skipped: {reasons})" if reasons else ""))
-        self.fitted_on_ = "images"
-        return collection
+            raise ValueError(f"no readable image in {collection.source}"
+                             + (f" (skipped: {reasons})" if reasons else ""))
+        return collection, owned
 
     def _make_backbone(self, device: torch.device):
         from sp2ot_engine.backbones import create_backbone
@@ -356,7 +422,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
 
         aug = train_transform(backbone.input_size, backbone.mean, backbone.std)
         dataset = _TwoViewDataset(ImageDataset(collection, TwoViews(aug)))
-        loader = make_loader(dataset, cfg.batch_size, shuffle=True, num_workers=self.num_workers, seed=self.seed,
+        loader = make_loader(dataset, cfg.batch_size, shuffle=True, num_workers=self.num_workers, seed=cfg.seed,
                              drop_last=len(dataset) > cfg.batch_size, device=device)
         backbone.unfreeze_last_block()
 
@@ -383,13 +449,12 @@ class _TwoViewDataset(torch.utils.data.Dataset):
 
 
 class _Reporter:
-    """Fills in the progress dictionary's keys so every consumer sees the same shape."""
-
-    keys = ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
+    """Fills in every progress field (:data:`sp2ot_engine.options.PROGRESS_FIELDS`) so every
+    consumer sees the same shape."""
 
     def __init__(self, fn: ProgressFn | None) -> None:
         self.fn = fn
 
     def __call__(self, info: dict) -> None:
         if self.fn is not None:
-            self.fn({k: info.get(k) for k in self.keys} | info)
+            self.fn({k: info.get(k) for k in PROGRESS_FIELDS} | info)

@@ -21,6 +21,7 @@ __all__ = [
     "KERNELS",
     "MODES",
     "PROGRESS_FIELDS",
+    "PROGRESS_TYPES",
     "RHO_SCHEDULES",
     "STAGES",
     "TRANSPORT_FORMULATIONS",
@@ -32,6 +33,7 @@ __all__ = [
     "ProgressField",
     "RhoSchedule",
     "Stage",
+    "StrEnum",
 ]
 
 if sys.version_info >= (3, 11):
@@ -127,3 +129,8 @@ RHO_SCHEDULES: tuple[str, ...] = tuple(r.value for r in RhoSchedule)
 BACKBONES: tuple[str, ...] = tuple(b.value for b in Backbone)
 PROGRESS_FIELDS: tuple[str, ...] = tuple(p.value for p in ProgressField)
 STAGES: tuple[str, ...] = tuple(s.value for s in Stage)
+#: The type of each progress field's value (a report may carry ``None`` for any of them).
+PROGRESS_TYPES: dict[str, type] = {
+    ProgressField.STAGE: str, ProgressField.PERCENT: float, ProgressField.EPOCH: int, ProgressField.STEP: int,
+    ProgressField.TOTAL_STEPS: int, ProgressField.LOSS: float, ProgressField.RHO: float,
+}

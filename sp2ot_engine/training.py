@@ -38,11 +38,14 @@ StopFn = Callable[[], bool]
 
 
 class CosineHead(nn.Module):
-    """Weight-normalised linear layer without bias: ``logits = scale * <f/|f|, w_j/|w_j|>``."""
+    """Weight-normalised linear layer without bias: ``logits = scale * <f/|f|, w_j/|w_j|>``.
+    The random prototypes are drawn from ``generator`` (default: torch's global one)."""
 
-    def __init__(self, in_features: int, n_clusters: int, scale: float = 10.0) -> None:
+    def __init__(self, in_features: int, n_clusters: int, scale: float = 10.0, *,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_clusters, in_features) / math.sqrt(in_features))
+        weight = torch.randn(n_clusters, in_features, generator=generator)
+        self.weight = nn.Parameter(weight / math.sqrt(in_features))
         self.scale = scale
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

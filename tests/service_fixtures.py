@@ -119,20 +119,23 @@ class FakeClustering:
     worker subprocess can use it too)."""
 
     def __init__(self, n_clusters, backbone="efficientnet_lite0", mode="fast", epochs=None, formulation="sp2ot",
-                 device="auto", seed=0, batch_size=64, num_workers=0):
+                 init="auto", device="auto", random_state=0, batch_size=64, num_workers=0):
         if n_clusters < 2:
             raise ValueError("n_clusters must be >= 2")
         self.n_clusters = n_clusters
         self.epochs = epochs or 2
 
     def fit(self, path, progress=None, should_stop=None):
+        """``path``: a manifest (what the service's runner passes) or a folder/archive."""
         import numpy as np
-        from PIL import Image
 
         from sp2ot_engine import Cancelled
-        from sp2ot_engine.io.collection import scan_images
+        from sp2ot_engine.io.archive import Manifest, upload_of_manifest
+        from sp2ot_engine.io.collection import ImageCollection, scan_images
 
-        coll = scan_images(path)
+        upload = upload_of_manifest(path)
+        coll = (ImageCollection.from_manifest(upload, Manifest.read(path), verify=True) if upload is not None
+                else scan_images(path))
         if len(coll) < self.n_clusters:
             raise ValueError(f"n_clusters={self.n_clusters} but only {len(coll)} images")
         steps = self.epochs * int(os.environ.get("SP2OT_FAKE_STEPS_PER_EPOCH", "5"))
@@ -150,7 +153,7 @@ class FakeClustering:
                 self.history_.append({"epoch": epoch, "loss": 1.0 / (step + 1), "rho": min(1.0, 0.1 + step / steps)})
         labels = []
         for i in range(len(coll)):
-            arr = np.asarray(Image.open(os.path.join(path, coll.names[i])).convert("RGB"), dtype=float)
+            arr = np.asarray(coll.load(i), dtype=float)
             mask = arr.sum(axis=2) < 600
             colour = arr[mask].mean(axis=0) if mask.any() else arr.reshape(-1, 3).mean(axis=0)
             labels.append(int(np.argmax(colour)) % self.n_clusters)
@@ -160,6 +163,7 @@ class FakeClustering:
         self.confidences_ = np.linspace(0.95, 0.5, len(labels))
         self.cluster_sizes_ = np.bincount(self.labels_, minlength=self.n_clusters)
         self.skipped_ = list(coll.skipped)
+        coll.close()
         if progress:
             progress({"stage": "done", "percent": 100})
         return self
@@ -445,24 +449,24 @@ def sqlite_db(tmp_path, monkeypatch):
 
 def make_job_row(settings, db, n_images: int = 9, *, owner_id: int | None = None, epochs: int = 1,
                  **columns) -> str:
-    """A job on ``n_images`` extracted images, inserted directly (``columns`` override the
-    defaults: status, attempts, heartbeat_at, ...). Returns its id."""
+    """A job on a stored archive of ``n_images`` images, inserted directly (``columns``
+    override the defaults: status, attempts, heartbeat_at, ...). Returns its id."""
     from app import crud
-    from app.archives import prepare_upload
     from app.models import Job, new_id
     from app.storage import Storage
+    from app.uploads.ingest import check_upload, store_upload
 
     storage = Storage(settings)
     job_id = new_id()
     archive = settings.tmp_dir / f"{job_id}.zip"
     archive.write_bytes(make_zip(image_set(n_images)))
-    prepared = prepare_upload(archive, storage.job_dir(job_id) / "images", settings)
-    archive.unlink()
+    checked = check_upload(archive, settings)
+    stored = store_upload(checked, storage.job_dir(job_id))
     with db.session() as s:
         if owner_id is None:
             owner_id = crud.create_api_key(s, "unit")[0].id
-        s.add(Job(**{"id": job_id, "owner_id": owner_id, "input_path": storage.rel(prepared.root),
-                     "n_images": prepared.n_images, "n_clusters": 3, "backbone": "efficientnet_lite0",
+        s.add(Job(**{"id": job_id, "owner_id": owner_id, "input_path": storage.rel(stored),
+                     "n_images": checked.n_images, "n_clusters": 3, "backbone": "efficientnet_lite0",
                      "mode": "fast", "epochs": epochs, "formulation": "sp2ot", "seed": 0, "input_skipped": [],
                      "progress": {}, **columns}))
         s.commit()

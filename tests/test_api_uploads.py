@@ -42,6 +42,8 @@ def api(pg_url, redis_ns, tmp_path_factory):
         SP2OT_MAX_UNCOMPRESSED_BYTES=str(40 * 1024 * 1024),
         SP2OT_COMPRESSION_RATIO_FLOOR=str(1024 * 1024),
         SP2OT_MAX_COMPRESSION_RATIO="50",
+        SP2OT_MAX_IMAGE_PIXELS=str(1_000_000),
+        SP2OT_MAX_UPLOAD_PIXELS=str(10_000_000),
     )
     settings = settings_from(env)
     with api_client(settings) as client:
@@ -167,6 +169,20 @@ def test_tar_gz_bomb_ratio(api, nothing_left):
     assert "archive bomb" in detail
 
 
+def test_pixel_budgets(api, nothing_left):
+    """Read from the image headers (a 2000 x 2000 PNG header in a few hundred bytes), never
+    decoded: one image over SP2OT_MAX_IMAGE_PIXELS, or all over SP2OT_MAX_UPLOAD_PIXELS."""
+    from test_io_archive import png_claiming
+
+    files = image_set(4)
+    files["panorama.png"] = png_claiming(2000, 2000)
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(files), n_clusters=2), 422)
+    assert "'panorama.png'" in detail and "4.0 megapixels" in detail and "SP2OT_MAX_IMAGE_PIXELS" in detail
+    many = {f"p{i:02d}.png": png_claiming(1000, 1000) for i in range(11)}
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(many), "m.zip", n_clusters=2), 422)
+    assert "11.0 megapixels in total" in detail and "SP2OT_MAX_UPLOAD_PIXELS" in detail
+
+
 def test_too_many_files(api, nothing_left):
     files = {f"f{i:04d}.txt": b"x" for i in range(201)}
     detail = _detail(upload_job(api["client"], api["key"], make_zip(files), n_clusters=2), 422)
@@ -210,6 +226,10 @@ def test_missing_n_clusters_and_unknown_fields(api, nothing_left):
     assert "Unknown form field 'nclusters'" in detail
     detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, epochs=-1), 422)
     assert "epochs" in detail
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, mode="slow"), 422)
+    assert "mode: Input should be 'fast' or 'full'" in detail
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, init="spectral"), 422)
+    assert "init: Input should be 'auto', 'random' or 'kmeans'" in detail
 
 
 def test_missing_archive_and_wrong_content_types(api, nothing_left):
@@ -226,6 +246,25 @@ def test_missing_archive_and_wrong_content_types(api, nothing_left):
     assert "dataset_id" in _detail(r, 422)
     r = c.post("/jobs", json={"dataset_id": "x", "n_clusters": 3, "colour": "red"}, headers=h)
     assert "colour: unknown field" in _detail(r, 422)
+
+
+def test_tar_gz_is_stored_decompressed_with_its_manifest_and_a_lenient_truth(api):
+    """The check decompresses a tar.gz once; that tar is what is stored (the worker reads it by
+    offset). A truth CSV without header, with semicolons and base names, is matched."""
+    from sp2ot_engine.io.archive import Manifest
+
+    c, key = api["client"], api["key"]
+    files = image_set(6, folder="imgs/")
+    truth = "".join(f"{name.rsplit('/', 1)[-1]};{name.rsplit('_', 1)[-1][:-4]}\n" for name in files)
+    r = upload_job(c, key, make_tar(files), "shapes.tgz", truth=truth.encode(), n_clusters=2)
+    assert r.status_code == 202, r.text
+    job_dir = api["data_dir"] / "jobs" / r.json()["id"]
+    assert sorted(p.name for p in job_dir.iterdir()) == ["truth.csv", "upload.tar", "upload.tar.manifest.json"]
+    manifest = Manifest.read(job_dir / "upload.tar.manifest.json")
+    assert manifest.kind == "tar" and manifest.names == sorted(files)
+    assert manifest.source_bytes == (job_dir / "upload.tar").stat().st_size
+    assert (job_dir / "truth.csv").read_text().splitlines()[:2] == ["filename,label", "imgs/img_000_red_circle.png,circle"]
+    assert c.delete(f"/jobs/{r.json()['id']}", headers=auth(key)).status_code == 204
 
 
 def test_truth_matching_no_image(api, nothing_left):
@@ -275,7 +314,9 @@ def test_keys_are_isolated_and_jobs_are_listed(api):
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert c.post(f"/jobs/{jid}/cancel", headers=auth(key)).json()["status"] == "cancelled"
     assert "cancelled" in _detail(c.get(f"/jobs/{jid}/labels.csv", headers=auth(key)), 409)
-    assert (api["data_dir"] / "jobs" / jid / "images").is_dir()
+    # the archive is stored as it came, its manifest next to it (nothing extracted)
+    assert (api["data_dir"] / "jobs" / jid / "upload.zip").is_file()
+    assert (api["data_dir"] / "jobs" / jid / "upload.zip.manifest.json").is_file()
     assert c.delete(f"/jobs/{jid}", headers=auth(key)).status_code == 204
     assert not (api["data_dir"] / "jobs" / jid).exists()
     assert "No job" in _detail(c.get(f"/jobs/{jid}", headers=auth(key)), 404)
@@ -310,7 +351,9 @@ def test_idempotency_key(api):
 def test_dataset_upload_reports_skipped_files(api):
     c, key = api["client"], api["key"]
     files = image_set(9, folder="shapes/")
-    files["shapes/broken.png"] = files["shapes/img_000_red_circle.png"][:60]  # truncated PNG
+    # a PNG cut inside its header (one cut in its pixel data passes the upload's header check:
+    # the worker skips it when it decodes, see test_api_jobs.test_upload_poll_download)
+    files["shapes/broken.png"] = files["shapes/img_000_red_circle.png"][:20]
     files["shapes/notes.txt"] = b"not an image"
     files["inner.zip"] = make_zip(image_set(2))  # nested archive: skipped, reported
     files["__MACOSX/._x.png"] = b"meta"
@@ -361,11 +404,25 @@ def test_dataset_rejections_leave_nothing(api, nothing_left):
 
 
 def test_openapi_documents_the_upload(api):
+    from sp2ot_engine import options
+
     spec = api["client"].get("/openapi.json").json()
     body = spec["paths"]["/jobs"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "application/json" in body
-    assert body["multipart/form-data"]["schema"]["properties"]["archive"]["format"] == "binary"
+    form = body["multipart/form-data"]["schema"]["properties"]
+    assert form["archive"]["format"] == "binary"
     assert api["client"].get("/docs").status_code == 200
+    # the allowed values come from the engine's vocabulary, listed in OpenAPI
+    schemas = spec["components"]["schemas"]
+    for name, values in {"Backbone": options.BACKBONES, "Mode": options.MODES, "Formulation": options.FORMULATIONS,
+                         "Init": options.INITS, "JobStatus": ("queued", "running", "succeeded", "failed", "cancelled")
+                         }.items():
+        assert schemas[name]["enum"] == list(values), name
+        if name != "JobStatus":
+            assert form[name.lower()]["enum"] == list(values), name
+    assert tuple(schemas["JobProgress"]["properties"]) == options.PROGRESS_FIELDS
+    json_body = body["application/json"]["schema"]["properties"]
+    assert json_body["init"]["anyOf"][0] == {"$ref": "#/components/schemas/Init"}  # a reference that resolves
 
 
 def test_broker_down_means_503_and_nothing_left(api, tmp_path):

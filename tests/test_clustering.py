@@ -1,5 +1,6 @@
-"""The estimator: scikit-learn conventions, imbalanced clustering quality on separable data,
-persistence, progress, cancellation and bad input."""
+"""The estimator: scikit-learn conventions (the full check suite is in
+test_sklearn_conformance.py), imbalanced clustering quality on separable data, persistence,
+progress, cancellation, bad input, no global random state touched, input from a manifest."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,12 +35,14 @@ def test_estimator_conventions():
     assert clone(est).get_params() == params
     with pytest.raises(ValueError, match="not fitted"):
         est.predict(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="not fitted"):
+        est.save("never-written.pt")
 
 
 @pytest.mark.parametrize("formulation", ["sp2ot", "p2ot"])
 def test_recovers_long_tailed_clusters(formulation):
     x, y = long_tailed_blobs()
-    est = SP2OTClustering(4, epochs=15, batch_size=128, formulation=formulation, lr=5e-3, seed=0)
+    est = SP2OTClustering(4, epochs=15, batch_size=128, formulation=formulation, lr=5e-3, random_state=0)
     labels = est.fit_predict(x)
     m = evaluate(y, labels)
     assert m["acc"] > 0.9, m  # including the 20-sample tail cluster
@@ -53,15 +56,45 @@ def test_recovers_long_tailed_clusters(formulation):
 
 def test_deterministic_on_cpu_and_predict_after_load(tmp_path):
     x, _ = long_tailed_blobs(seed=1)
-    a = SP2OTClustering(4, epochs=3, batch_size=64, seed=3).fit(x)
-    b = SP2OTClustering(4, epochs=3, batch_size=64, seed=3).fit(x)
+    a = SP2OTClustering(4, epochs=3, batch_size=64, random_state=3).fit(x)
+    b = SP2OTClustering(4, epochs=3, batch_size=64, random_state=3).fit(x)
     assert np.array_equal(a.labels_, b.labels_)
+    # a RandomState seeded alike gives the same draws each time
+    c = SP2OTClustering(4, epochs=3, batch_size=64, random_state=np.random.RandomState(5)).fit(x)
+    d = SP2OTClustering(4, epochs=3, batch_size=64, random_state=np.random.RandomState(5)).fit(x)
+    assert np.array_equal(c.labels_, d.labels_)
     path = tmp_path / "model.pt"
     a.save(path)
     loaded = SP2OTClustering.load(path)
+    assert loaded.random_state == 3
     assert np.array_equal(loaded.predict(x), a.predict(x))
     with pytest.raises(ValueError, match="features"):
         loaded.predict(np.zeros((3, 5)))
+    c.save(path)  # a RandomState is not a plain value: saved as None
+    assert SP2OTClustering.load(path).random_state is None
+
+
+def test_model_files_saved_with_seed_still_load(tmp_path):
+    x, _ = long_tailed_blobs(seed=1)
+    a = SP2OTClustering(4, epochs=1, batch_size=64, random_state=7).fit(x)
+    path = tmp_path / "old.pt"
+    a.save(path)
+    state = torch.load(path, weights_only=True)
+    state["params"]["seed"] = state["params"].pop("random_state")  # the format before random_state
+    torch.save(state, path)
+    loaded = SP2OTClustering.load(path)
+    assert loaded.random_state == 7 and np.array_equal(loaded.predict(x), a.labels_)
+
+
+def test_fit_and_predict_leave_the_global_random_state_alone():
+    """No global seeding: fit draws from generators of its own; predict changes nothing."""
+    x, _ = long_tailed_blobs()
+    torch_before, numpy_before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    est = SP2OTClustering(4, epochs=2, batch_size=128, random_state=1).fit(x)
+    state = dict(vars(est))
+    est.predict(x)
+    assert torch.equal(torch.get_rng_state(), torch_before) and np.array_equal(np.random.get_state()[1], numpy_before)
+    assert vars(est).keys() == state.keys() and all(vars(est)[k] is v for k, v in state.items())
 
 
 def test_progress_and_cancel():
@@ -84,11 +117,14 @@ def test_progress_and_cancel():
 @pytest.mark.parametrize(
     "kwargs,x,match",
     [
-        ({"n_clusters": 1}, np.zeros((10, 2)), "n_clusters must be an integer >= 2"),
+        # parameters are checked by scikit-learn's _parameter_constraints (its wording)
+        ({"n_clusters": 1}, np.zeros((10, 2)), r"'n_clusters' parameter of SP2OTClustering must be an int in the "
+                                               r"range \[2, inf\)"),
         ({"n_clusters": 20}, np.random.default_rng(0).normal(size=(10, 2)), "at most 10 clusters"),
-        ({"n_clusters": 3, "mode": "slow"}, np.zeros((10, 2)), "mode must be one of"),
-        ({"n_clusters": 3, "formulation": "sela"}, np.zeros((10, 2)), "formulation must be one of"),
-        ({"n_clusters": 3}, np.zeros((2, 2, 2)), "2-D"),
+        ({"n_clusters": 3, "mode": "slow"}, np.zeros((10, 2)),
+         "'mode' parameter of SP2OTClustering must be a str among"),
+        ({"n_clusters": 3, "formulation": "sela"}, np.zeros((10, 2)), "'formulation' parameter .* must be a str among"),
+        ({"n_clusters": 3}, np.zeros((2, 2, 2)), "Found array with dim 3"),
         ({"n_clusters": 3}, np.full((10, 2), np.nan), "NaN"),
         ({"n_clusters": 3, "device": "cuda:7"}, np.zeros((10, 2)), "CUDA"),
     ],
@@ -115,8 +151,14 @@ def test_full_mode_fine_tunes_the_last_block_on_images(tmp_path):
     for i in range(18):
         img = Image.new("RGB", (24, 24), colours[i % 3])
         img.save(tmp_path / f"img_{i:02d}.png")
-    est = SP2OTClustering(3, mode="full", epochs=2, batch_size=6, input_size=64, formulation="p2ot", seed=0)
+    est = SP2OTClustering(3, mode="full", epochs=2, batch_size=6, input_size=64, formulation="p2ot", random_state=0)
+    torch_before = torch.get_rng_state()
     est.fit(tmp_path)
+    # torchvision's augmentations draw from torch's global generator: seeded in a fork of it
+    assert torch.equal(torch.get_rng_state(), torch_before)
+    again = SP2OTClustering(3, mode="full", epochs=2, batch_size=6, input_size=64, formulation="p2ot",
+                            random_state=0).fit(tmp_path)
+    assert np.array_equal(again.labels_, est.labels_)
     assert len(est.labels_) == 18 and est.filenames_[0] == "img_00.png"
     assert est.encoder_state_ is not None  # the fine-tuned backbone is kept with the model
     groups = [{int(est.labels_[i]) for i in range(g, 18, 3)} for g in range(3)]
@@ -136,3 +178,46 @@ def test_spherical_kmeans_samples_like_faiss(n, k, seed):
     km = faiss.Kmeans(8, k, niter=25, nredo=5, seed=seed, spherical=True, verbose=False)
     km.train(full)
     np.testing.assert_array_equal(spherical_kmeans(torch.from_numpy(x), k, seed).numpy(), km.centroids)
+
+
+def test_fit_from_a_manifest_or_a_collection_and_predict_images(tmp_path):
+    """The worker's input: a manifest written when the upload was checked, read without a
+    scan; images whose pixel data is damaged (headers fine) are skipped when decoded once."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from sp2ot_engine.io.archive import inspect_archive, manifest_path
+    from sp2ot_engine.io.collection import ImageCollection
+
+    def jpeg(colour) -> bytes:
+        buf = io.BytesIO()
+        Image.effect_noise((32, 32), 20).convert("RGB").point(lambda v: v // 4).save(buf, "JPEG")
+        im = Image.new("RGB", (32, 32), colour)
+        im.paste(Image.open(buf), (8, 8))
+        out = io.BytesIO()
+        im.save(out, "JPEG")
+        return out.getvalue()
+
+    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 210)]
+    arc = tmp_path / "upload.zip"
+    with zipfile.ZipFile(arc, "w") as z:
+        for i in range(9):
+            z.writestr(f"img_{i}.jpg", jpeg(colours[i % 3]))
+        noise = io.BytesIO()
+        Image.effect_noise((64, 64), 50).convert("RGB").save(noise, "JPEG")
+        z.writestr("cut.jpg", noise.getvalue()[: len(noise.getvalue()) // 2])
+    manifest = inspect_archive(arc)
+    assert len(manifest.members) == 10  # the header of cut.jpg is intact
+    manifest.write(manifest_path(arc))
+    options = dict(epochs=2, batch_size=4, input_size=32, formulation="p2ot", random_state=0)
+    est = SP2OTClustering(3, **options).fit(str(manifest_path(arc)))
+    assert est.filenames_ == [f"img_{i}.jpg" for i in range(9)] and dict(est.skipped_).keys() == {"cut.jpg"}
+    with ImageCollection.from_manifest(arc, manifest, verify=True) as collection:
+        again = SP2OTClustering(3, **options).fit(collection)
+        assert np.array_equal(again.labels_, est.labels_)
+        names, labels = again.predict_images(collection)  # the caller's collection stays open
+    assert names == est.filenames_ and np.array_equal(labels, est.predict(arc))
+    with pytest.raises(ValueError, match="predict_images takes images"):
+        est.predict_images(np.zeros((3, 2)))

@@ -17,10 +17,12 @@ from sp2ot_engine.io.archive import (
     ArchiveRejected,
     Limits,
     Manifest,
+    Rejection,
     build_manifest,
     inspect_archive,
     manifest_path,
     open_source,
+    upload_of_manifest,
 )
 from sp2ot_engine.io.collection import ImageCollection, scan_images
 
@@ -105,6 +107,7 @@ def test_zip_slip_names_reject_the_archive(tmp_path, name, kind):
     with pytest.raises(ArchiveRejected) as e:
         inspect_archive(arc)
     assert "escape the archive" in e.value.reason and e.value.member == name
+    assert e.value.rule == Rejection.UNSAFE_NAME
     assert str(tmp_path) not in e.value.reason and str(e.value).startswith(str(arc))
 
 
@@ -113,36 +116,41 @@ def test_links_in_a_tar_reject_the_archive(tmp_path, kind, word):
     arc = make_tar(tmp_path / "a.tar", {"ok.png": png(4, 4)}, links={"link.png": (kind, "ok.png")})
     with pytest.raises(ArchiveRejected, match=word) as e:
         inspect_archive(arc)
-    assert e.value.member == "link.png"
+    assert e.value.member == "link.png" and e.value.rule == Rejection.LINK
 
 
 def test_zip_symlink_special_and_encrypted_members_reject_the_archive(tmp_path):
     with pytest.raises(ArchiveRejected, match="symbolic link"):
         inspect_archive(make_zip(tmp_path / "l.zip", {"ok.png": png(4, 4)}, symlinks={"l.png": "/etc/passwd"}))
-    with pytest.raises(ArchiveRejected, match="not a regular file"):
+    with pytest.raises(ArchiveRejected, match="not a regular file") as e:
         inspect_archive(make_tar(tmp_path / "f.tar", {"ok.png": png(4, 4)}, fifos=("pipe.png",)))
+    assert e.value.rule == Rejection.SPECIAL
     raw = bytearray(make_zip(tmp_path / "e.zip", {"ok.png": png(4, 4)}).read_bytes())
     for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # mark the member encrypted in both headers
         pos = raw.find(sig)
         raw[pos + flag_at] |= 0x1
     (tmp_path / "e.zip").write_bytes(bytes(raw))
-    with pytest.raises(ArchiveRejected, match="encrypted"):
+    with pytest.raises(ArchiveRejected, match="encrypted") as e:
         inspect_archive(tmp_path / "e.zip")
+    assert e.value.rule == Rejection.ENCRYPTED
 
 
 def test_budgets_reject_the_archive(tmp_path):
     files = {f"{i}.png": png(4, 4) for i in range(5)}
     arc = make_zip(tmp_path / "a.zip", files)
     assert len(inspect_archive(arc, Limits(max_members=5)).members) == 5
-    with pytest.raises(ArchiveRejected, match="more than 4 files"):
+    with pytest.raises(ArchiveRejected, match="more than 4 files") as e:
         inspect_archive(arc, Limits(max_members=4))
+    assert e.value.rule == Rejection.TOO_MANY_FILES
     total = sum(len(d) for d in files.values())
-    with pytest.raises(ArchiveRejected, match="would extract to .* over the limit .* of uncompressed data"):
+    with pytest.raises(ArchiveRejected, match="would extract to .* over the limit .* of uncompressed data") as e:
         inspect_archive(arc, Limits(max_total_bytes=total - 1))
+    assert e.value.rule == Rejection.TOO_LARGE
     # a zip bomb by its declared sizes, and a tar.gz bomb caught while it is decompressed
     bomb = make_zip(tmp_path / "bomb.zip", {"zeros.bin": bytes(4 << 20)})
-    with pytest.raises(ArchiveRejected, match="archive bomb"):
+    with pytest.raises(ArchiveRejected, match="archive bomb") as e:
         inspect_archive(bomb, Limits(max_ratio=100, ratio_floor=1 << 20))
+    assert e.value.rule == Rejection.BOMB
     tgz = make_tar(tmp_path / "bomb.tgz", {"zeros.bin": bytes(8 << 20)}, "w:gz")
     with pytest.raises(ArchiveRejected, match="archive bomb"):
         inspect_archive(tgz, Limits(max_ratio=100, ratio_floor=1 << 20), cache_dir=tmp_path / "spool")
@@ -162,10 +170,12 @@ def test_unreadable_or_unknown_archives_are_rejected(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04" + b"\x00garbage" * 50)
     data = make_tar(tmp_path / "x.tgz", {f"{i}.png": png(30, 30, (i, i, i)) for i in range(30)}, "w:gz").read_bytes()
     (tmp_path / "cut.tgz").write_bytes(data[: len(data) // 2])
-    for name, match in [("nope", "does not exist"), ("empty.zip", "empty"), ("text.zip", "not a folder or an archive"),
-                        ("bad.zip", "corrupt zip"), ("cut.tgz", "corrupt")]:
-        with pytest.raises(ArchiveRejected, match=match):
+    for name, match, rule in [("nope", "does not exist", Rejection.MISSING), ("empty.zip", "empty", Rejection.EMPTY),
+                              ("text.zip", "not a folder or an archive", Rejection.NOT_ARCHIVE),
+                              ("bad.zip", "corrupt zip", Rejection.CORRUPT), ("cut.tgz", "corrupt", Rejection.CORRUPT)]:
+        with pytest.raises(ArchiveRejected, match=match) as e:
             inspect_archive(tmp_path / name, cache_dir=tmp_path / "spool")
+        assert e.value.rule == rule, name
     assert not list((tmp_path / "spool").iterdir())
 
 
@@ -280,17 +290,20 @@ def test_pixel_counts_come_from_headers_without_decoding(tmp_path, no_decoding):
         9400 * 9400 + 8 * 6 + 3 * 5 + 5 * 7 + 11 * 2 + 40 * 20 + 9 * 4 + 12 * 5 + 13 * 6 + 48 * 48 + 256 * 256 + 6 * 3)
     assert next(x for x in m.members if x.name == "huge.png").pixels == 88_360_000
     assert m.total_bytes == sum(len(d) for d in files.values())
-    # per-image and per-upload budgets are the caller's parameters
-    small = inspect_archive(arc, Limits(max_image_pixels=50_000_000))
-    assert "huge.png" not in small.names
-    assert dict(small.skipped)["huge.png"] == "image too large (9400 x 9400 = 88.4 megapixels, limit 50.0)"
-    with pytest.raises(ArchiveRejected, match="88.4 megapixels in total, over the limit of 80.0"):
+    # per-image and per-upload budgets are the caller's parameters; both reject (a
+    # decompression bomb), the per-image one naming the image
+    with pytest.raises(ArchiveRejected, match=r"the image 'huge.png' is too large \(9400 x 9400 = 88.4 megapixels, "
+                                              r"over the limit of 50.0 per image\)") as e:
+        inspect_archive(arc, Limits(max_image_pixels=50_000_000))
+    assert e.value.rule == Rejection.IMAGE_TOO_LARGE and e.value.member == "huge.png"
+    with pytest.raises(ArchiveRejected, match="88.4 megapixels in total, over the limit of 80.0") as e:
         inspect_archive(arc, Limits(max_total_pixels=80_000_000))
+    assert e.value.rule == Rejection.TOO_MANY_PIXELS
     assert no_decoding == []
-    # scanning with a pixel budget skips it without decoding it either
-    with scan_images(arc, limits=Limits(max_image_pixels=50_000_000)) as col:
-        assert "huge.png" not in col.names and len(col) == len(files) - 1
-    assert not any("9400" in call for call in no_decoding)
+    # scanning with a pixel budget rejects it before decoding anything
+    with pytest.raises(ArchiveRejected, match="huge.png"):
+        scan_images(arc, limits=Limits(max_image_pixels=50_000_000))
+    assert no_decoding == []
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -309,7 +322,8 @@ def test_manifest_round_trip_and_reading_without_a_rescan(tmp_path, kind, monkey
         path = make_tar(tmp_path / f"imgs.{kind}", files, {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2"}[kind])
     m = inspect_archive(path, cache_dir=tmp_path / "spool")
     target = manifest_path(path)
-    assert target.name == path.name + ".manifest.json"
+    assert target.name == path.name + ".manifest.json" and upload_of_manifest(target) == path
+    assert upload_of_manifest(path) is None
     m.write(target)
     again = Manifest.read(target)
     assert again == m and again.kind == kind and again.names == ["a.jpg", "b/x.png", "c.gif"]
@@ -341,6 +355,20 @@ def test_verify_from_manifest_skips_damaged_pixels(tmp_path):
     assert m.names == ["cut.jpg", "ok.png"]  # the header is intact: only decoding can tell
     with ImageCollection.from_manifest(arc, m, verify=True) as col:
         assert col.names == ["ok.png"] and "truncated" in dict(col.skipped)["cut.jpg"]
+
+
+def test_keep_the_decompressed_tar_of_a_compressed_one(tmp_path):
+    files = {"a.png": png(4, 4, (200, 0, 0)), "b.png": png(3, 3)}
+    arc = make_tar(tmp_path / "a.tar.xz", files, "w:xz")
+    kept = tmp_path / "spool" / "plain.tar"
+    m = inspect_archive(arc, cache_dir=tmp_path / "spool", keep_decompressed=kept)
+    assert m.kind == "tar" and m.source_bytes == kept.stat().st_size and m.names == ["a.png", "b.png"]
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == ["plain.tar"]
+    with ImageCollection.from_manifest(kept, m) as col:  # read by offset, no decompression
+        assert col.load(0).getpixel((0, 0)) == (200, 0, 0)
+    zipped = make_zip(tmp_path / "a.zip", files)
+    assert inspect_archive(zipped, keep_decompressed=tmp_path / "unused.tar").kind == "zip"
+    assert not (tmp_path / "unused.tar").exists()
 
 
 def test_open_source_of_a_compressed_tar_owns_its_spool(tmp_path):

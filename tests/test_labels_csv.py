@@ -10,6 +10,7 @@ import pytest
 from sp2ot_engine.io.labels_csv import (
     CsvFormatError,
     format_labels,
+    match_truth,
     read_labels,
     read_truth,
     write_labels,
@@ -64,3 +65,39 @@ def test_truth_reading_and_its_errors(tmp_path):
         read_truth(latin)
     with pytest.raises(ValueError, match="does not exist"):
         read_truth(tmp_path / "missing.csv")
+
+
+def test_truth_header_is_optional_and_the_delimiter_is_sniffed(tmp_path):
+    """The leniency the API's truth upload had, now the one reader's: no header, `;` or tab,
+    the same row twice."""
+    cases = {
+        "a.png,cat\nb.png,dog\n": {"a.png": "cat", "b.png": "dog"},
+        "filename;label\na.png;cat\nb, c.png;dog\n": {"a.png": "cat", "b, c.png": "dog"},
+        "a.png\tcat\nb.png\tdog\na.png\tcat\n": {"a.png": "cat", "b.png": "dog"},
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "t.csv"
+        path.write_text(text, encoding="utf-8")
+        assert read_truth(path) == expected, text
+    bad = tmp_path / "bad.csv"
+    bad.write_text("one,two,three\n", encoding="utf-8")
+    with pytest.raises(CsvFormatError, match=re.escape("truth file 'mine.csv', line 1: expected 2 fields "
+                                                       "(filename,label), got 3")):
+        read_truth(bad, name="'mine.csv'")
+    bad.write_text("filename,label\na,x\na,y\na,z\n", encoding="utf-8")
+    with pytest.raises(CsvFormatError, match=re.escape("1 duplicated filename(s): a (each with different labels)")):
+        read_truth(bad)
+    bad.write_text("a.png,1,0.5\n", encoding="utf-8")
+    with pytest.raises(CsvFormatError, match="no header naming the columns filename,cluster"):
+        read_labels(bad)  # a labels file keeps its header
+
+
+def test_match_truth_by_path_or_unambiguous_base_name():
+    images = ["shapes/a.png", "shapes/b.png", "x/c.png", "y/c.png", "d.png"]
+    truth = {"shapes/a.png": "1", "b.png": "2", "c.png": "3", ".\\d.png": "4", "other.png": "5", "z/b.png": "6"}
+    matched, unmatched = match_truth(truth, images)
+    assert matched == {"shapes/a.png": "1", "shapes/b.png": "2", "d.png": "4"}
+    assert unmatched == ["c.png", "other.png", "z/b.png"]  # c.png is ambiguous
+    assert match_truth({"a.png": "1", "shapes/a.png": "1"}, images)[0] == {"shapes/a.png": "1"}
+    with pytest.raises(CsvFormatError, match="two labels for the image 'shapes/a.png'"):
+        match_truth({"a.png": "1", "shapes/a.png": "2"}, images)

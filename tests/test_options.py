@@ -16,6 +16,7 @@ def test_enums_are_their_strings():
     assert options.RHO_SCHEDULES == ("sigmoid", "linear", "fixed")
     assert options.BACKBONES == ("efficientnet_lite0", "dino_vitb16", "dino_vits16")
     assert options.PROGRESS_FIELDS == ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
+    assert tuple(options.PROGRESS_TYPES) == options.PROGRESS_FIELDS  # a type for every field
     assert options.STAGES == ("loading", "features", "graph", "training", "predicting", "done")
     with pytest.raises(ValueError):
         options.Formulation("sinkhorn")
@@ -25,9 +26,15 @@ def test_the_engine_uses_the_vocabulary():
     from sp2ot_engine import cli, clustering, graph, ot
 
     assert ot.FORMULATIONS == options.TRANSPORT_FORMULATIONS
-    assert clustering.MODES == options.MODES and clustering.ALL_FORMULATIONS == options.FORMULATIONS
-    # clustering.py still spells these out (its logic is being rewritten): they must not drift
-    assert clustering._Reporter.keys == options.PROGRESS_FIELDS
+    # the estimator's parameter constraints take their choices from the vocabulary
+    constraints = clustering.SP2OTClustering._parameter_constraints
+    for param, values in {"mode": options.MODES, "formulation": options.FORMULATIONS, "init": options.INITS,
+                          "kernel": options.KERNELS, "rho_schedule": options.RHO_SCHEDULES}.items():
+        assert constraints[param][0].options == set(values), param
+    assert not hasattr(clustering, "ALL_FORMULATIONS")  # its own copy is gone
+    seen = []
+    clustering._Reporter(seen.append)({"stage": "graph", "percent": 1.0})
+    assert tuple(seen[0]) == options.PROGRESS_FIELDS
     for kind in options.RHO_SCHEDULES:
         assert 0 < ot.rho_schedule(1, 2, 0.1, kind) <= 1
     parser = cli.build_parser()

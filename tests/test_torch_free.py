@@ -1,5 +1,6 @@
 """The modules an API process uses (archive checks and manifest, the CSV formats, the vocabulary)
-load and run without torch: the API must not pay torch's start-up time and memory."""
+load and run without torch, and an API process in production mode never imports it: the API
+must not pay torch's start-up time and memory."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("service_fixtures")
+pytest_plugins = ["service_fixtures"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +51,70 @@ def test_api_side_modules_do_not_import_torch(tmp_path):
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == "[]"
+
+
+API_SCRIPT = textwrap.dedent("""
+    import io, sys, tarfile, zipfile
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, "PNG")
+        return buf.getvalue()
+
+    images = {f"img_{i}.png": png((60 * i % 255, 20, 200)) for i in range(6)}
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:
+        for name, data in images.items():
+            z.writestr(name, data)
+    tgz = io.BytesIO()
+    with tarfile.open(fileobj=tgz, mode="w:gz") as t:
+        for name, data in images.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    truth = "".join(f"{name},{i % 2}\\n" for i, name in enumerate(images)).encode()
+
+    settings = Settings()
+    assert not settings.embedded, "the production dispatcher (Celery) is what this checks"
+    with TestClient(create_app(settings), client=("127.0.0.1", 40000)) as c:
+        r = c.post("/datasets", files={"archive": ("a.zip", zipped.getvalue())})
+        assert r.status_code == 201, r.text
+        ds = r.json()["id"]
+        r = c.post("/jobs", files={"archive": ("a.tgz", tgz.getvalue()), "truth": ("t.csv", truth)},
+                   data={"n_clusters": "2"})
+        assert r.status_code == 202 and r.json()["n_images"] == 6, r.text
+        job = r.json()["id"]
+        r = c.post("/jobs", data={"dataset_id": ds, "n_clusters": "2"}, files={"truth": ("t.csv", truth)})
+        assert r.status_code == 202, r.text
+        assert c.post("/jobs", files={"archive": ("x.zip", b"not an archive")}, data={"n_clusters": "2"}
+                      ).status_code == 422
+        assert c.get(f"/jobs/{job}").json()["status"] == "queued"
+        assert c.get(f"/jobs/{job}/labels.csv").status_code == 409
+        assert c.get("/health").status_code == 200 and c.get("/openapi.json").status_code == 200
+    loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision", "timm")))
+    print(loaded)
+""")
+
+
+def test_the_api_process_never_loads_torch(tmp_path, fresh_pg, redis_ns):
+    """An API process in production mode (PostgreSQL, the Celery queue on Redis; no worker
+    consumes it) creates its app, validates and stores uploads (zip, tar.gz, truth CSVs, a bad
+    upload), serves the job and health endpoints: torch is never imported."""
+    from service_fixtures import service_env, subprocess_env
+
+    env = service_env(data_dir=tmp_path / "data", database_url=fresh_pg,
+                      redis={**redis_ns, "queue": redis_ns["queue"] + "-torchfree"})
+    r = subprocess.run([sys.executable, "-c", API_SCRIPT], capture_output=True, text=True, env=subprocess_env(env),
+                       cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+    # the check sees torch when it is there: the same script with torch imported first
+    r = subprocess.run([sys.executable, "-c", "import torch\n" + API_SCRIPT], capture_output=True, text=True,
+                       env=subprocess_env(env), cwd=tmp_path, timeout=180)
+    assert r.returncode == 0 and "'torch'" in r.stdout.strip().splitlines()[-1], r.stdout + r.stderr

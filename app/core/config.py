@@ -13,6 +13,9 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sp2ot_engine.io.archive import DEFAULT_MAX_IMAGE_PIXELS
+from sp2ot_engine.options import Backbone, Formulation, Init, Mode
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -120,9 +123,10 @@ class Settings(BaseSettings):
     estimator: str = Field(
         "sp2ot_engine:SP2OTClustering", description="module:Class of the estimator (a test seam; keep the default)."
     )
-    default_backbone: str = "efficientnet_lite0"
-    default_mode: str = "fast"
-    default_formulation: str = "sp2ot"
+    default_backbone: Backbone = Backbone.EFFICIENTNET_LITE0
+    default_mode: Mode = Mode.FAST
+    default_formulation: Formulation = Formulation.SP2OT
+    default_init: Init = Init.AUTO
     batch_size: int | None = Field(None, ge=2, description="Training batch size (default: the engine's).")
     num_workers: int = Field(0, ge=0, description="Image-decoding worker processes of a job.")
     torch_threads: int = Field(0, ge=0, description="CPU threads of torch in a job (0 = torch's default).")
@@ -133,12 +137,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 * GiB, ge=1, description="Largest request body (archive + fields); larger = 413.")
     max_truth_bytes: int = Field(64 * MiB, ge=1)
     max_archive_files: int = Field(100_000, ge=1)
-    max_uncompressed_bytes: int = Field(10 * GiB, ge=1, description="Largest total size of the extracted files.")
+    max_uncompressed_bytes: int = Field(10 * GiB, ge=1, description="Largest total size of the archive's files, "
+                                        "uncompressed.")
     max_compression_ratio: float = Field(
         100.0, gt=1, description="Uncompressed/compressed ratio above which an archive is a bomb ..."
     )
     compression_ratio_floor: int = Field(
         64 * MiB, ge=0, description="... once its uncompressed size exceeds this many bytes."
+    )
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Largest image (width x height, from its header) of an upload: "
+        "a larger one is a decompression bomb and refuses the upload, naming the image. Default: Pillow's limit "
+        "(179 megapixels).",
+    )
+    max_upload_pixels: int = Field(
+        2 * 10**12, ge=1, description="Largest total of the images' pixels of one upload (what the worker decodes). "
+        "The default passes 50,000 photos of 40 megapixels.",
     )
     upload_chunk_bytes: int = Field(1 * MiB, ge=4096)
 

@@ -14,7 +14,10 @@ Guarantees (the state changes themselves are :mod:`app.jobs.repository`'s):
   change); the cancel flag is read at most every ``cancel_check_interval`` seconds, from
   the engine's ``should_stop`` callback, i.e. between training steps;
 * a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds; when
-  it stops (the worker died), the API's reaper ends or re-queues the job.
+  it stops (the worker died), the API's reaper ends or re-queues the job;
+* **the upload is not scanned again**: the estimator reads the images through the manifest the
+  API wrote next to the stored upload (and decodes each once, skipping damaged pixel data);
+  its ``skipped_`` starts from the manifest's, so it is the job's whole list.
 """
 from __future__ import annotations
 
@@ -27,18 +30,19 @@ import threading
 import time
 from typing import Any
 
-from app.archives import read_truth
 from app.core.config import Settings
 from app.core.db import Database
 from app.jobs import artifacts, repository
 from app.models import JobStatus
 from app.storage import Storage
+from sp2ot_engine.io.archive import manifest_path
+from sp2ot_engine.io.labels_csv import read_truth
+from sp2ot_engine.options import PROGRESS_FIELDS, PROGRESS_TYPES, ProgressField, Stage
 
 log = logging.getLogger("sp2ot.worker")
 
 MAX_SKIPPED_REPORTED = 1000
 CURVE_POINTS = 240  # loss/rho points kept in a running job's progress for the live curve
-_PROGRESS_KEYS = ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
 
 
 def _num(v: Any, kind: type) -> Any:
@@ -54,19 +58,18 @@ def _num(v: Any, kind: type) -> Any:
 
 
 def clean_progress(info: dict[str, Any]) -> dict[str, Any]:
-    """The engine's progress dict reduced to the stored keys, as JSON-safe numbers."""
+    """The engine's progress dict reduced to its fields (``PROGRESS_FIELDS``), each of its type
+    (``PROGRESS_TYPES``) as a JSON-safe value; the stage cut to 40 characters, the percent to
+    0..100."""
     out: dict[str, Any] = {}
-    for k in _PROGRESS_KEYS:
+    for k in PROGRESS_FIELDS:
         v = info.get(k)
-        if k == "stage":
+        if PROGRESS_TYPES[k] is str:
             out[k] = None if v is None else str(v)[:40]
-        elif k in ("epoch", "step", "total_steps"):
-            out[k] = _num(v, int)
-        elif k == "percent":
-            p = _num(v, float)
-            out[k] = None if p is None else round(min(100.0, max(0.0, p)), 2)
         else:
-            out[k] = _num(v, float)
+            out[k] = _num(v, PROGRESS_TYPES[k])
+    p = out[ProgressField.PERCENT]
+    out[ProgressField.PERCENT] = None if p is None else round(min(100.0, max(0.0, p)), 2)
     return out
 
 
@@ -209,13 +212,12 @@ def _evaluation(storage: Storage, job_id: str, filenames: list[str], labels) -> 
     return info
 
 
-def _merge_skipped(*lists) -> list[tuple[str, str]]:
-    seen: dict[str, str] = {}
-    for lst in lists:
-        for item in lst or []:
-            name, reason = (item[0], item[1]) if not isinstance(item, dict) else (item["name"], item["reason"])
-            seen.setdefault(str(name), str(reason))
-    return sorted(seen.items())
+def engine_input(storage: Storage, job: repository.JobRecord) -> str:
+    """What the estimator reads: the manifest next to the stored upload (no scan), or, for a
+    job stored before uploads had manifests, its folder of extracted images."""
+    stored = storage.abs(job.input_path)
+    manifest = manifest_path(stored)
+    return str(manifest if manifest.is_file() else stored)
 
 
 def execute_job(
@@ -256,13 +258,13 @@ def execute_job(
             cls = load_estimator_class(settings.estimator)
             kwargs: dict[str, Any] = dict(
                 n_clusters=job.n_clusters, backbone=job.backbone, mode=job.mode, epochs=job.epochs,
-                formulation=job.formulation, device=settings.device, seed=job.seed,
+                formulation=job.formulation, init=job.init, device=settings.device, random_state=job.seed,
                 num_workers=settings.num_workers,
             )
             if settings.batch_size:
                 kwargs["batch_size"] = settings.batch_size
             est = cls(**kwargs)
-            est.fit(str(storage.abs(job.input_path)), progress=run.progress, should_stop=run.should_stop)
+            est.fit(engine_input(storage, job), progress=run.progress, should_stop=run.should_stop)
             made = _make_artifacts(storage, run, est, job)
         except Cancelled:
             reason = run.stop_reason or "cancel"
@@ -360,7 +362,7 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
     if not (len(filenames) == len(labels) == len(confidences)):
         raise RuntimeError("the estimator returned lists of different lengths")
     sizes = [int(x) for x in est.cluster_sizes_]
-    skipped = _merge_skipped(job.input_skipped, getattr(est, "skipped_", []))
+    skipped = sorted((str(name), str(reason)) for name, reason in getattr(est, "skipped_", []))
     summary = {
         "n_images": len(filenames), "n_clusters": job.n_clusters, "cluster_sizes": sizes,
         "n_skipped": len(skipped),
@@ -370,8 +372,8 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
     history = clean_history(getattr(est, "history_", []))
     metrics = _evaluation(storage, job_id, filenames, labels) if job.has_truth else None
     last = history[-1] if history else {}
-    progress = {"stage": "done", "percent": 100.0, "epoch": last.get("epoch"), "loss": last.get("loss"),
-                "rho": last.get("rho"), "step": None, "total_steps": None}
+    progress = clean_progress({"stage": Stage.DONE, "percent": 100.0, "epoch": last.get("epoch"),
+                               "loss": last.get("loss"), "rho": last.get("rho")})
     with db.begin() as s:
         written = repository.record_success(
             s, job_id, run.attempt, summary=summary, history=history, metrics=metrics, progress=progress,

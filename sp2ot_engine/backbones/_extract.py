@@ -44,10 +44,12 @@ def extract_features(
         loader, dataset = data, data.dataset
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         dataset = data
+        # A generator of its own: without one, iterating a DataLoader draws its worker seeds from
+        # torch's global generator (a fit must leave that as it was).
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=dev.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if num_workers > 0 else None,
-                            collate_fn=collate_single_threaded)
+                            collate_fn=collate_single_threaded, generator=torch.Generator())
     else:
         loader, dataset = data, None
     total = len(dataset) if dataset is not None else None

@@ -12,25 +12,28 @@ a stored upload (:meth:`Manifest.write`, :meth:`Manifest.read`, :func:`manifest_
 later without scanning again. Every limit is a :class:`Limits` field; ``None`` turns it off.
 
 Rules, checked in this order; the first that applies decides. A *rejection* raises
-:class:`ArchiveRejected` (a ``ValueError``): nothing is used. A *skip* leaves the member out
-and reports ``(name, reason)`` in ``Manifest.skipped``.
+:class:`ArchiveRejected` (a ``ValueError``): nothing is used; its ``rule`` (a
+:class:`Rejection`, in brackets below) tells a caller which rule it was, e.g. to name the
+setting behind a limit. A *skip* leaves the member out and reports ``(name, reason)`` in
+``Manifest.skipped``.
 
 =====================================================  ==========================================
 kind                                                   rule
 =====================================================  ==========================================
-missing path, empty file, not a folder or archive      reject
-unreadable archive (corrupt, truncated, bad stream)    reject
-member name escaping the archive (absolute, drive      reject (zip-slip: it would write outside
-letter, ``..``) or containing NUL                      the destination when extracted)
-link in an archive (symbolic or hard)                  reject (links are the other zip-slip)
-special member in an archive (device, FIFO, sparse)    reject
-encrypted (password-protected) zip member              reject
-more files than ``max_members``                        reject
-uncompressed total over ``max_total_bytes``            reject (declared sizes for zip and tar;
-                                                       counted while decompressing a tar.gz)
-uncompressed/compressed over ``max_ratio`` (past       reject (an archive bomb)
+missing path                                           reject [missing]
+empty file                                             reject [empty]
+not a folder or an archive                             reject [not_archive]
+unreadable archive (corrupt, truncated, bad stream)    reject [corrupt]
+member name escaping the archive (absolute, drive      reject [unsafe_name] (zip-slip: it would
+letter, ``..``) or containing NUL                      write outside the destination if extracted)
+link in an archive (symbolic or hard)                  reject [link] (links are the other zip-slip)
+special member in an archive (device, FIFO, sparse)    reject [special]
+encrypted (password-protected) zip member              reject [encrypted]
+more files than ``max_members``                        reject [too_many_files]
+uncompressed total over ``max_total_bytes``            reject [too_large] (declared sizes for zip
+                                                       and tar; counted while decompressing a tar.gz)
+uncompressed/compressed over ``max_ratio`` (past       reject [bomb] (an archive bomb)
 ``ratio_floor`` bytes)
-total pixels over ``max_total_pixels``                 reject
 directory entry                                        ignored (not a member)
 symbolic link in a folder                              skip (not followed: the user's own file
                                                        system, never extracted)
@@ -47,7 +50,10 @@ no image magic bytes                                   skip ("not an image file"
                                                        image" when the name says image)
 image format without a header reader (HEIF, TGA)       skip
 truncated or corrupt image header                      skip
-image over ``max_image_pixels`` (width x height)       skip
+image over ``max_image_pixels`` (width x height)       reject [image_too_large] (a decompression
+                                                       bomb: a header can promise gigapixels in
+                                                       a few bytes; the message names the image)
+total pixels over ``max_total_pixels``                 reject [too_many_pixels]
 =====================================================  ==========================================
 
 An archive with no file, or with no usable image, is not rejected here: the manifest says so
@@ -55,11 +61,13 @@ An archive with no file, or with no usable image, is not rejected here: the mani
 the pixel data (a JPEG cut after its header) is not seen without decoding: the caller that
 decodes (:func:`sp2ot_engine.io.collection.scan_images`) skips such images.
 
-``app/archives.py`` still applies its own rules while it extracts an upload (the same
-rejections; no magic-byte, name-length or pixel rules yet); it is meant to use this module.
+The service (``app/uploads/ingest.py``) checks an upload with this module and nothing else:
+it stores the archive as it came, with its manifest next to it, and its worker reads the
+images through the manifest.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import lzma
 import os
@@ -83,11 +91,13 @@ __all__ = [
     "Limits",
     "Manifest",
     "Member",
+    "Rejection",
     "Source",
     "build_manifest",
     "inspect_archive",
     "manifest_path",
     "open_source",
+    "upload_of_manifest",
 ]
 
 #: Files larger than this are skipped without being read (an image upload is never this big).
@@ -108,14 +118,32 @@ _HEAD = 512  # bytes read to tell a nested archive from an image
 _MB = 1_000_000
 
 
+class Rejection:
+    """Which rule rejected a folder/archive (``ArchiveRejected.rule``); see the rule table."""
+
+    MISSING = "missing"
+    EMPTY = "empty"
+    NOT_ARCHIVE = "not_archive"
+    CORRUPT = "corrupt"
+    UNSAFE_NAME = "unsafe_name"
+    LINK = "link"
+    SPECIAL = "special"
+    ENCRYPTED = "encrypted"
+    TOO_MANY_FILES = "too_many_files"
+    TOO_LARGE = "too_large"
+    BOMB = "bomb"
+    IMAGE_TOO_LARGE = "image_too_large"
+    TOO_MANY_PIXELS = "too_many_pixels"
+
+
 class ArchiveRejected(ValueError):
     """The whole folder/archive is refused. ``reason`` says why without naming the local path
-    (for an API answer); ``member`` is the offending member's name, if one; ``str()`` starts
-    with the path."""
+    (for an API answer); ``rule`` is the :class:`Rejection` that applied; ``member`` is the
+    offending member's name, if one; ``str()`` starts with the path."""
 
-    def __init__(self, source: str, reason: str, member: str | None = None) -> None:
+    def __init__(self, source: str, reason: str, member: str | None = None, *, rule: str) -> None:
         super().__init__(f"{source}: {reason}")
-        self.source, self.reason, self.member = source, reason, member
+        self.source, self.reason, self.member, self.rule = source, reason, member, rule
 
 
 @dataclass(frozen=True)
@@ -225,6 +253,15 @@ def manifest_path(upload: str | os.PathLike) -> Path:
     return upload.with_name(upload.name + MANIFEST_SUFFIX)
 
 
+def upload_of_manifest(manifest: str | os.PathLike) -> Path | None:
+    """The stored upload a manifest path belongs to (the inverse of :func:`manifest_path`), or
+    None when the name does not end in ``.manifest.json``."""
+    manifest = Path(manifest)
+    if not manifest.name.endswith(MANIFEST_SUFFIX) or manifest.name == MANIFEST_SUFFIX:
+        return None
+    return manifest.with_name(manifest.name[: -len(MANIFEST_SUFFIX)])
+
+
 # --------------------------------------------------------------------------------------------
 # Opening: what kind of source, whole-archive rejections, compressed tars spooled
 # --------------------------------------------------------------------------------------------
@@ -241,15 +278,15 @@ def open_source(path: str | os.PathLike, limits: Limits | None = None, *,
     if os.path.isdir(spath):
         return FolderSource(spath)
     if not os.path.exists(spath):
-        raise ArchiveRejected(spath, "does not exist")
+        raise ArchiveRejected(spath, "does not exist", rule=Rejection.MISSING)
     if not os.path.isfile(spath):
-        raise ArchiveRejected(spath, f"is not {SUPPORTED}")
+        raise ArchiveRejected(spath, f"is not {SUPPORTED}", rule=Rejection.NOT_ARCHIVE)
     size = os.path.getsize(spath)
     if size == 0:
-        raise ArchiveRejected(spath, f"is empty (0 bytes), not {SUPPORTED}")
+        raise ArchiveRejected(spath, f"is empty (0 bytes), not {SUPPORTED}", rule=Rejection.EMPTY)
     kind = sniff_kind(spath)
     if kind == "unknown":
-        raise ArchiveRejected(spath, f"is not {SUPPORTED}")
+        raise ArchiveRejected(spath, f"is not {SUPPORTED}", rule=Rejection.NOT_ARCHIVE)
     if kind == "zip":
         return ZipSource(spath)
     if kind == "tar":
@@ -263,7 +300,7 @@ def open_source(path: str | os.PathLike, limits: Limits | None = None, *,
     except ValueError as e:
         if isinstance(e, ArchiveRejected):
             raise
-        raise ArchiveRejected(spath, f"corrupt archive: {e}") from e
+        raise ArchiveRejected(spath, f"corrupt archive: {e}", rule=Rejection.CORRUPT) from e
     return TarSource(tmp, original=spath, kind=f"tar.{kind}", owned=True)
 
 
@@ -272,12 +309,13 @@ def _check_totals(source: str, total: int, archive_bytes: int, limits: Limits, *
     what = "extracts to more than" if counted else "would extract to"
     if limits.max_total_bytes is not None and total > limits.max_total_bytes:
         raise ArchiveRejected(source, f"the archive {what} {_human(total)}, over the limit of "
-                                      f"{_human(limits.max_total_bytes)} of uncompressed data")
+                                      f"{_human(limits.max_total_bytes)} of uncompressed data",
+                             rule=Rejection.TOO_LARGE)
     ratio = total / max(1, archive_bytes)
     if limits.max_ratio is not None and total > limits.ratio_floor and ratio > limits.max_ratio:
         raise ArchiveRejected(source, f"the archive expands {ratio:.0f} times ({_human(archive_bytes)} -> "
                                       f"{_human(total)}), more than the allowed ratio of {limits.max_ratio:.0f}: "
-                                      f"it looks like an archive bomb")
+                                      f"it looks like an archive bomb", rule=Rejection.BOMB)
 
 
 def _human(n: float) -> str:
@@ -299,12 +337,14 @@ def _safe_name(source: str, raw: str) -> str:
     """The normalised relative POSIX name of an archive member, or rejection if it would escape."""
     name = raw.replace("\\", "/")
     if "\x00" in name:
-        raise ArchiveRejected(source, f"the archive member {raw!r} has a NUL character in its name", raw)
+        raise ArchiveRejected(source, f"the archive member {raw!r} has a NUL character in its name", raw,
+                              rule=Rejection.UNSAFE_NAME)
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or _DRIVE.match(name) or ".." in parts:
         raise ArchiveRejected(
             source, f"the archive member {raw!r} has a path that would escape the archive (absolute, a drive "
-                    f"letter or '..'): re-create the archive with relative paths inside it", raw)
+                    f"letter or '..'): re-create the archive with relative paths inside it", raw,
+            rule=Rejection.UNSAFE_NAME)
     return "/".join(parts)
 
 
@@ -314,14 +354,16 @@ def _walk_zip(source: str, zf: zipfile.ZipFile) -> Iterator[_Entry]:
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise ArchiveRejected(source, f"the archive member {info.filename!r} is a symbolic link; links are not "
-                                          f"allowed: archive the image files themselves", info.filename)
+                                          f"allowed: archive the image files themselves", info.filename,
+                                  rule=Rejection.LINK)
         if info.is_dir() or not name:
             continue
         if mode and not (stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0):
-            raise ArchiveRejected(source, f"the archive member {info.filename!r} is not a regular file", info.filename)
+            raise ArchiveRejected(source, f"the archive member {info.filename!r} is not a regular file", info.filename,
+                                  rule=Rejection.SPECIAL)
         if info.flag_bits & 0x1:
             raise ArchiveRejected(source, f"the archive member {info.filename!r} is encrypted: use an archive "
-                                          f"without a password", info.filename)
+                                          f"without a password", info.filename, rule=Rejection.ENCRYPTED)
         yield name, info.header_offset, info.file_size
 
 
@@ -331,12 +373,12 @@ def _walk_tar(source: str, tf: tarfile.TarFile) -> Iterator[_Entry]:
         if m.issym() or m.islnk():
             kind = "symbolic link" if m.issym() else "hard link"
             raise ArchiveRejected(source, f"the archive member {m.name!r} is a {kind}; links are not allowed: "
-                                          f"archive the image files themselves", m.name)
+                                          f"archive the image files themselves", m.name, rule=Rejection.LINK)
         if m.isdir() or not name:
             continue
         if not m.isreg() or m.issparse():
             raise ArchiveRejected(source, f"the archive member {m.name!r} is not a regular file "
-                                          f"(device, FIFO or sparse file)", m.name)
+                                          f"(device, FIFO or sparse file)", m.name, rule=Rejection.SPECIAL)
         yield name, (m.offset_data, m.size), m.size
 
 
@@ -386,7 +428,7 @@ def _entries(source: Source, skipped: list[tuple[str, str]]) -> list[_Entry]:
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
             if isinstance(e, ArchiveRejected):
                 raise
-            raise ArchiveRejected(label, f"corrupt zip archive: {e}") from e
+            raise ArchiveRejected(label, f"corrupt zip archive: {e}", rule=Rejection.CORRUPT) from e
     try:
         with tarfile.open(source.path, "r:") as tf:
             return list(_walk_tar(label, tf))
@@ -394,7 +436,7 @@ def _entries(source: Source, skipped: list[tuple[str, str]]) -> list[_Entry]:
         if isinstance(e, ArchiveRejected):
             raise
         what = "tar archive" if source.kind == "tar" else f"{source.kind} archive (not a valid tar inside)"
-        raise ArchiveRejected(label, f"corrupt {what}: {e}") from e
+        raise ArchiveRejected(label, f"corrupt {what}: {e}", rule=Rejection.CORRUPT) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,8 +469,9 @@ def _size_reason(size: int, limits: Limits) -> str | None:
     return None
 
 
-def _probe_member(source: Source, name: str, key: Key, size: int, limits: Limits) -> Member | str:
-    """The member with its header's type and size, or the reason it is skipped."""
+def _probe_member(source: Source, label: str, name: str, key: Key, size: int, limits: Limits) -> Member | str:
+    """The member with its header's type and size, or the reason it is skipped; rejects an
+    image over the per-image pixel budget."""
     try:
         with source.open(key) as fp:
             if archive_type(fp.read(_HEAD)):
@@ -441,8 +484,10 @@ def _probe_member(source: Source, name: str, key: Key, size: int, limits: Limits
             OSError) as e:
         return f"corrupt or unsupported archive member ({type(e).__name__}: {e})"
     if limits.max_image_pixels is not None and header.pixels > limits.max_image_pixels:
-        return (f"image too large ({header.width} x {header.height} = {header.pixels / _MB:.1f} megapixels, "
-                f"limit {limits.max_image_pixels / _MB:.1f})")
+        raise ArchiveRejected(label, f"the image {name!r} is too large ({header.width} x {header.height} = "
+                                     f"{header.pixels / _MB:.1f} megapixels, over the limit of "
+                                     f"{limits.max_image_pixels / _MB:.1f} per image): shrink it or leave it out",
+                              name, rule=Rejection.IMAGE_TOO_LARGE)
     return Member(name, size, header.type, header.width, header.height, key)
 
 
@@ -456,7 +501,8 @@ def build_manifest(source: Source, limits: Limits | None = None) -> Manifest:
     skipped: list[tuple[str, str]] = []
     entries = _entries(source, skipped)
     if limits.max_members is not None and len(entries) > limits.max_members:
-        raise ArchiveRejected(label, f"the archive has more than {limits.max_members} files: split it")
+        raise ArchiveRejected(label, f"the archive has more than {limits.max_members} files: split it",
+                              rule=Rejection.TOO_MANY_FILES)
     archive_bytes = 0 if isinstance(source, FolderSource) else os.path.getsize(label)
     if not isinstance(source, FolderSource):
         _check_totals(label, sum(size for _, _, size in entries), archive_bytes, limits, counted=False)
@@ -474,7 +520,7 @@ def build_manifest(source: Source, limits: Limits | None = None) -> Manifest:
             skipped.append((name, reason))
     members: list[Member] = []
     for name, key, size in sorted(candidates, key=lambda c: c[0]):
-        found = _probe_member(source, name, key, size, limits)
+        found = _probe_member(source, label, name, key, size, limits)
         if isinstance(found, Member):
             members.append(found)
         else:
@@ -482,15 +528,28 @@ def build_manifest(source: Source, limits: Limits | None = None) -> Manifest:
     manifest = Manifest(source.kind, archive_bytes, members, sorted(skipped, key=lambda s: s[0]))
     if limits.max_total_pixels is not None and manifest.total_pixels > limits.max_total_pixels:
         raise ArchiveRejected(label, f"the images hold {manifest.total_pixels / _MB:.1f} megapixels in total, over "
-                                     f"the limit of {limits.max_total_pixels / _MB:.1f}: upload fewer or smaller images")
+                                     f"the limit of {limits.max_total_pixels / _MB:.1f}: upload fewer or smaller "
+                                     f"images",
+                              rule=Rejection.TOO_MANY_PIXELS)
     return manifest
 
 
 def inspect_archive(path: str | os.PathLike, limits: Limits | None = None, *,
-                    cache_dir: str | os.PathLike | None = None) -> Manifest:
-    """:func:`open_source` + :func:`build_manifest`, closing the source (and its spool file)."""
+                    cache_dir: str | os.PathLike | None = None,
+                    keep_decompressed: str | os.PathLike | None = None) -> Manifest:
+    """:func:`open_source` + :func:`build_manifest`, closing the source (and its spool file).
+
+    ``keep_decompressed``: for a compressed tar, where to keep the decompressed tar the rules
+    read (a path on the file system of ``cache_dir``, moved there rather than deleted); the
+    manifest then describes that file (kind ``"tar"``), so a reader of the stored upload never
+    decompresses it again. Other kinds leave it untouched.
+    """
     source = open_source(path, limits, cache_dir=cache_dir)
     try:
-        return build_manifest(source, limits)
+        manifest = build_manifest(source, limits)
+        if keep_decompressed is not None and isinstance(source, TarSource) and source.path != source.original:
+            os.replace(source.path, keep_decompressed)  # the source's close() finds nothing left to delete
+            manifest = dataclasses.replace(manifest, kind="tar", source_bytes=os.path.getsize(keep_decompressed))
+        return manifest
     finally:
         source.close()

@@ -10,7 +10,7 @@ decodes (a full decode, converted to RGB exactly as ``load`` will do later), and
 - ``names``: relative POSIX paths inside the folder/archive, sorted;
 - ``skipped``: ``(name, reason)`` pairs for everything that is not used (non-images, corrupt or
   truncated files, hidden files and ``__MACOSX`` metadata, symbolic links in a folder,
-  duplicates, nested archives, empty, oversized or too-many-pixel files);
+  duplicates, nested archives, empty or oversized files);
 - ``load(i) -> PIL.Image.Image`` in mode RGB (see :mod:`sp2ot_engine.io.decode`).
 
 ``ImageCollection.from_manifest(path, manifest)`` reads the images a manifest lists (written
@@ -163,8 +163,8 @@ def scan_images(
     """Scan a folder (recursively) or an archive and verify every image decodes.
 
     ``limits``: the budgets of :mod:`sp2ot_engine.io.archive` (default :class:`Limits()`:
-    256 MiB per file, Pillow's pixel limit per image, no other limit); ``max_file_bytes``
-    overrides its per-file byte limit.
+    256 MiB per file, Pillow's decompression-bomb pixel limit per image, no other limit);
+    ``max_file_bytes`` overrides its per-file byte limit.
     ``threads``: decoding threads for the verification (default ``min(4, cpu_count)``).
     ``cache_dir``: where a compressed tar is decompressed to (default: system temp dir).
     ``progress(done, total)`` is called as candidates are verified.

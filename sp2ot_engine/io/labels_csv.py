@@ -2,14 +2,20 @@
 
 - **labels**: ``filename,cluster,confidence``, one row per image, a header first; written by
   :func:`write_labels` / :func:`format_labels`, read by :func:`read_labels`.
-- **truth**: ``filename,label``, a header first; written by :func:`write_truth`, read by
-  :func:`read_truth`.
+- **truth**: ``filename,label``; written by :func:`write_truth` (with a header), read by
+  :func:`read_truth` (header optional); :func:`match_truth` matches its filenames to the
+  names of a set of images (by path, or by an unambiguous base name).
 
-Readers take UTF-8 (a byte-order mark is allowed), find the columns by their header names
-(case-insensitive, in any order, other columns ignored), skip blank lines and raise
-:class:`CsvFormatError` (a ``ValueError``) with a message that names the file, the line and
-what to fix: missing file, not UTF-8, no such column, header but no rows, a short row, an
-empty filename or value, duplicated filenames.
+One reader for both, used by the CLI, the API (truth uploads) and the worker: UTF-8 (a
+byte-order mark is allowed), the delimiter sniffed among comma, semicolon and tab (a
+spreadsheet's "CSV" may use either), blank lines skipped. A first row that names a column
+(``filename``, ``label``, ...; case-insensitive) is the header: the columns are found by name,
+in any order, other columns ignored. A truth file may have no header: then every row is
+``filename,label``. It raises :class:`CsvFormatError` (a ``ValueError``) with a message that
+names the file (its path, or the name the caller gives), the line and what to fix: missing
+file, not UTF-8, no such column, header but no rows, a row with too few fields, an empty
+filename or value, a filename given twice with different values (the same row twice is
+harmless and kept once).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ __all__ = [
     "TRUTH_COLUMNS",
     "CsvFormatError",
     "format_labels",
+    "match_truth",
     "name_list",
     "read_labels",
     "read_truth",
@@ -39,6 +46,8 @@ TRUTH_COLUMNS = ("filename", "label")
 CONFIDENCE_DECIMALS = 4
 NAMES_SHOWN = 5  # file names listed in an error about several files
 _WRITE_BATCH = 10_000
+_DELIMITERS = ",;\t"
+_SNIFF_BYTES = 4096
 
 LabelRow = tuple[str, int, float]
 
@@ -98,59 +107,108 @@ def _write(target: str | os.PathLike | TextIO, rows: Iterable, chunk: Callable[[
 # ------------------------------------------------------------------------------ reading
 
 
-def read_labels(path: str | os.PathLike) -> dict[str, str]:
-    """``{filename: cluster}`` (as text) of a labels CSV; a ``confidence`` column is optional."""
-    return _read_table(Path(path), LABELS_COLUMNS[:2], "labels")
+def read_labels(path: str | os.PathLike, *, name: str | None = None) -> dict[str, str]:
+    """``{filename: cluster}`` (as text) of a labels CSV (a header is required; a ``confidence``
+    column is optional). ``name``: how messages call the file (default: its path)."""
+    return _read_table(Path(path), LABELS_COLUMNS[:2], "labels", name=name, header_optional=False)
 
 
-def read_truth(path: str | os.PathLike) -> dict[str, str]:
-    """``{filename: label}`` of a truth CSV ``filename,label``."""
-    return _read_table(Path(path), TRUTH_COLUMNS, "truth")
+def read_truth(path: str | os.PathLike, *, name: str | None = None) -> dict[str, str]:
+    """``{filename: label}`` of a truth CSV ``filename,label`` (header optional). ``name``: how
+    messages call the file (default: its path; the API gives the uploaded file's name)."""
+    return _read_table(Path(path), TRUTH_COLUMNS, "truth", name=name, header_optional=True)
 
 
-def _read_table(path: Path, columns: Sequence[str], kind: str) -> dict[str, str]:
-    """``{filename: value of columns[1]}`` from a CSV with a header naming ``columns``."""
+def match_truth(truth: dict[str, str], image_names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Truth labels keyed by the image names they belong to, and the truth filenames that match
+    no image. A filename matches an image by its path (``\\`` read as ``/``, a leading ``./``
+    dropped) or, when it has no folder part, by a base name that only one image has. Raises
+    :class:`CsvFormatError` when two filenames match one image with different labels."""
+    by_path = set(image_names)
+    by_base: dict[str, str | None] = {}
+    for image in image_names:
+        base = image.rsplit("/", 1)[-1]
+        by_base[base] = None if base in by_base else image  # None: ambiguous
+    matched: dict[str, str] = {}
+    unmatched: list[str] = []
+    for filename, label in truth.items():
+        key = filename.replace("\\", "/")
+        while key.startswith("./"):
+            key = key[2:]
+        image = key if key in by_path else (by_base.get(key) if "/" not in key else None)
+        if image is None:
+            unmatched.append(filename)
+        elif matched.setdefault(image, label) != label:
+            raise CsvFormatError(f"the truth gives two labels for the image {image!r} ({matched[image]!r} and "
+                                 f"{label!r}, from {filename!r})")
+    return matched, unmatched
+
+
+def _read_rows(path: Path, what: str) -> list[list[str]]:
+    """The non-blank rows of a CSV file, its delimiter sniffed."""
     if not path.exists():
-        raise CsvFormatError(f"{kind} file {path} does not exist")
+        raise CsvFormatError(f"{what} does not exist")
     if not path.is_file():
-        raise CsvFormatError(f"{kind} file {path} is not a file")
+        raise CsvFormatError(f"{what} is not a file")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            sample = f.read(_SNIFF_BYTES)
+            f.seek(0)
+            try:
+                dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=_DELIMITERS)
+            except csv.Error:
+                dialect = csv.excel
+            rows = list(csv.reader(f, dialect))
     except UnicodeDecodeError:
-        raise CsvFormatError(f"{kind} file {path} is not a UTF-8 text CSV") from None
+        raise CsvFormatError(f"{what} is not a UTF-8 text CSV") from None
     except csv.Error as e:
-        raise CsvFormatError(f"{kind} file {path} is not a valid CSV: {e}") from None
+        raise CsvFormatError(f"{what} is not a valid CSV: {e}") from None
     except OSError as e:
-        raise CsvFormatError(f"cannot read {kind} file {path}: {e.strerror or e}") from None
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
+        raise CsvFormatError(f"cannot read {what}: {e.strerror or e}") from None
+    return [r for r in rows if any(cell.strip() for cell in r)]
+
+
+def _read_table(path: Path, columns: Sequence[str], kind: str, *, name: str | None,
+                header_optional: bool) -> dict[str, str]:
+    """``{filename: value of columns[1]}`` from a CSV whose header names ``columns`` (or, when
+    ``header_optional``, whose rows are exactly ``columns`` without a header)."""
+    what = f"{kind} file {path if name is None else name}"
+    shape = ",".join(columns)
+    rows = _read_rows(path, what)
     if not rows:
-        raise CsvFormatError(f"{kind} file {path} is empty (expected a header {','.join(columns)})")
+        raise CsvFormatError(f"{what} is empty (expected " + ("lines " if header_optional else "a header ")
+                             + f"{shape})")
     header = [h.strip().lower() for h in rows[0]]
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise CsvFormatError(f"{kind} file {path} has no column {', '.join(repr(m) for m in missing)} "
-                             f"(header: {','.join(rows[0])}; expected {','.join(columns)})")
-    i_name, i_value = header.index(columns[0]), header.index(columns[1])
-    data = rows[1:]
-    if not data:
-        raise CsvFormatError(f"{kind} file {path} has a header but no rows")
+    if any(h in columns for h in header):
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise CsvFormatError(f"{what} has no column {', '.join(repr(m) for m in missing)} "
+                                 f"(header: {','.join(rows[0])}; expected {shape})")
+        i_name, i_value = header.index(columns[0]), header.index(columns[1])
+        data, first_line, n_fields = rows[1:], 2, len(header)
+        if not data:
+            raise CsvFormatError(f"{what} has a header but no rows")
+    elif header_optional:
+        i_name, i_value = 0, 1
+        data, first_line, n_fields = rows, 1, len(columns)
+    else:
+        raise CsvFormatError(f"{what} has no header naming the columns {shape} (first line: {','.join(rows[0])})")
+    headerless = first_line == 1
     table: dict[str, str] = {}
-    duplicates: list[str] = []
-    for line, r in enumerate(data, start=2):
-        if len(r) <= max(i_name, i_value):
-            raise CsvFormatError(f"{kind} file {path}, line {line}: expected {len(header)} fields, got {len(r)}")
-        name, value = r[i_name].strip(), r[i_value].strip()
-        if not name:
-            raise CsvFormatError(f"{kind} file {path}, line {line}: empty {columns[0]}")
+    conflicting: dict[str, None] = {}  # ordered set
+    for line, r in enumerate(data, start=first_line):
+        if len(r) <= max(i_name, i_value) or (headerless and len(r) != n_fields):
+            raise CsvFormatError(f"{what}, line {line}: expected {n_fields} fields ({shape}), got {len(r)}")
+        filename, value = r[i_name].strip(), r[i_value].strip()
+        if not filename:
+            raise CsvFormatError(f"{what}, line {line}: empty {columns[0]}")
         if not value:
-            raise CsvFormatError(f"{kind} file {path}, line {line}: empty {columns[1]} for {name}")
-        if name in table:
-            duplicates.append(name)
-            continue
-        table[name] = value
-    if duplicates:
-        raise CsvFormatError(f"{kind} file {path}: {len(duplicates)} duplicated filename(s): {name_list(duplicates)}")
+            raise CsvFormatError(f"{what}, line {line}: empty {columns[1]} for {filename}")
+        if table.setdefault(filename, value) != value:
+            conflicting[filename] = None
+    if conflicting:
+        raise CsvFormatError(f"{what}: {len(conflicting)} duplicated filename(s): {name_list(list(conflicting))} "
+                             f"(each with different {columns[1]}s)")
     return table
 
 

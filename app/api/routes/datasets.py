@@ -7,7 +7,6 @@ wait for them first); finished jobs keep their results and simply lose the link
 from __future__ import annotations
 
 import logging
-import os
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -15,7 +14,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app import crud
 from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep, UploadDirDep
-from app.archives import prepare_upload
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.security import Owner
@@ -24,7 +22,8 @@ from app.jobs import repository
 from app.models import Dataset, new_id
 from app.schemas import DatasetList, DatasetOut, ErrorOut
 from app.storage import Storage
-from app.uploads import ReceivedForm, receive_multipart
+from app.uploads.form import ReceivedForm, receive_multipart
+from app.uploads.ingest import check_upload, store_upload
 
 log = logging.getLogger("sp2ot.api")
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -51,14 +50,13 @@ def _create(db: Database, settings: Settings, storage: Storage, owner: Owner, fo
     dataset_id = new_id()
     ds_dir = storage.dataset_dir(dataset_id)
     try:
-        prepared = prepare_upload(archive.path, form.workdir / "images", settings)
-        ds_dir.mkdir(parents=True)
-        os.replace(prepared.root, ds_dir / "images")
+        checked = check_upload(archive.path, settings)
+        stored = store_upload(checked, ds_dir)
         name = (form.fields.get("name") or archive.filename or "dataset")[:512]
         ds = Dataset(
-            id=dataset_id, owner_id=owner.id, name=name, files_path=storage.rel(ds_dir / "images"),
-            archive_bytes=prepared.archive_bytes, uncompressed_bytes=prepared.uncompressed_bytes,
-            n_images=prepared.n_images, skipped=[list(x) for x in prepared.skipped],
+            id=dataset_id, owner_id=owner.id, name=name, files_path=storage.rel(stored),
+            archive_bytes=checked.archive_bytes, uncompressed_bytes=checked.uncompressed_bytes,
+            n_images=checked.n_images, skipped=[list(x) for x in checked.skipped],
         )
         with db.session() as s:
             s.add(ds)
@@ -85,8 +83,9 @@ def _create(db: Database, settings: Settings, storage: Storage, owner: Owner, fo
 )
 async def create_dataset(request: Request, owner: OwnerDep, settings: SettingsDep, db: DatabaseDep,
                          storage: StorageDep, upload_dir: UploadDirDep):
-    """Upload an archive of images: it is checked, extracted and scanned once; then create
-    jobs on it with `POST /jobs` `{"dataset_id": ..., "n_clusters": ...}`."""
+    """Upload an archive of images: it is checked once (names, sizes, image types and pixel
+    counts from the headers) and stored; then create jobs on it with `POST /jobs`
+    `{"dataset_id": ..., "n_clusters": ...}`."""
     form = await receive_multipart(
         request, upload_dir, max_bytes=settings.max_upload_bytes,
         file_fields={"archive": settings.max_upload_bytes}, text_fields={"name"},

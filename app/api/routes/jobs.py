@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -21,7 +20,6 @@ from app.api.deps import (
     StorageDep,
     UploadDirDep,
 )
-from app.archives import parse_truth, prepare_upload, write_truth
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.security import Owner
@@ -29,7 +27,6 @@ from app.errors import ApiError, Conflict, NotFound, UploadRejected
 from app.jobs import repository
 from app.jobs.repository import JobRecord
 from app.models import Dataset, JobStatus, new_id
-from app.options import resolve_options
 from app.schemas import (
     ErrorOut,
     JobFromDataset,
@@ -39,7 +36,10 @@ from app.schemas import (
     MetricsOut,
 )
 from app.storage import Storage
-from app.uploads import ReceivedForm, receive_multipart
+from app.uploads.form import ReceivedForm, receive_multipart
+from app.uploads.ingest import check_upload, image_names, read_upload_truth, store_upload
+from sp2ot_engine.io.labels_csv import write_truth
+from sp2ot_engine.options import BACKBONES, FORMULATIONS, INITS, MODES
 
 log = logging.getLogger("sp2ot.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -48,7 +48,7 @@ ERRORS = {
     401: {"model": ErrorOut, "description": "Missing or invalid API key"},
     404: {"model": ErrorOut, "description": "No such job for this API key"},
 }
-TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "seed", "dataset_id"}
+TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "init", "seed", "dataset_id"}
 
 
 def job_links(request: Request, job_id: str) -> dict[str, str]:
@@ -61,7 +61,7 @@ def job_out(request: Request, job: JobRecord) -> JobOut:
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
         "n_images": job.n_images,
         "options": {"n_clusters": job.n_clusters, "backbone": job.backbone, "mode": job.mode, "epochs": job.epochs,
-                    "formulation": job.formulation, "seed": job.seed},
+                    "formulation": job.formulation, "init": job.init, "seed": job.seed},
         "has_truth": job.has_truth, "progress": job.progress or {}, "cancel_requested": job.cancel_requested,
         "attempts": job.attempts, "error": job.error, "summary": job.summary,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
@@ -85,21 +85,26 @@ _MULTIPART_SCHEMA = {
                     "description": "zip, tar, tar.gz, tar.bz2 or tar.xz of the images (or give dataset_id)"},
         "dataset_id": {"type": "string", "description": "cluster a dataset uploaded with POST /datasets instead"},
         "truth": {"type": "string", "format": "binary",
-                  "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics)"},
+                  "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics; "
+                                 "header optional, comma, semicolon or tab)"},
         "n_clusters": {"type": "integer", "minimum": 2},
-        "backbone": {"type": "string", "example": "efficientnet_lite0"},
-        "mode": {"type": "string", "example": "fast"},
+        "backbone": {"type": "string", "enum": list(BACKBONES)},
+        "mode": {"type": "string", "enum": list(MODES)},
         "epochs": {"type": "integer", "minimum": 1},
-        "formulation": {"type": "string", "example": "sp2ot"},
+        "formulation": {"type": "string", "enum": list(FORMULATIONS)},
+        "init": {"type": "string", "enum": list(INITS)},
         "seed": {"type": "integer", "minimum": 0},
     },
 }
+# The enums it refers to are components of the document (the responses use them too).
+_JSON_SCHEMA = {k: v for k, v in JobFromDataset.model_json_schema(ref_template="#/components/schemas/{model}").items()
+                if k != "$defs"}
 _CREATE_OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            "application/json": {"schema": JobFromDataset.model_json_schema()},
+            "application/json": {"schema": _JSON_SCHEMA},
         },
     }
 }
@@ -124,6 +129,26 @@ def _parse_params(fields: dict[str, Any], model=JobParams):
         raise UploadRejected(_validation_message(e)) from None
 
 
+def _job_options(params: JobParams, settings: Settings) -> dict[str, Any]:
+    """The options stored on the job row (server defaults filled in), or a 422 naming the one
+    over a server limit (the choices themselves are the schema's enums)."""
+    if params.n_clusters > settings.max_clusters:
+        raise UploadRejected(f"n_clusters={params.n_clusters} is above the server limit of {settings.max_clusters}.")
+    if params.epochs is not None and params.epochs > settings.max_epochs:
+        raise UploadRejected(
+            f"epochs={params.epochs} is above the server limit of {settings.max_epochs} (SP2OT_MAX_EPOCHS)."
+        )
+    return {
+        "n_clusters": params.n_clusters,
+        "backbone": params.backbone or settings.default_backbone,
+        "mode": params.mode or settings.default_mode,
+        "epochs": params.epochs,
+        "formulation": params.formulation or settings.default_formulation,
+        "init": params.init or settings.default_init,
+        "seed": params.seed,
+    }
+
+
 def _check_k(n_clusters: int, n_images: int) -> None:
     if n_clusters > n_images:
         raise UploadRejected(
@@ -142,21 +167,13 @@ def _find_idempotent(db: Database, owner: Owner, key: str) -> JobRecord | None:
         return repository.find_by_idempotency_key(s, owner, key)
 
 
-def _image_names_of_folder(root) -> list[str]:
-    names = []
-    for dirpath, _dirs, files in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for f in files:
-            names.append(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}")
-    return names
-
-
 def _create_from_upload(
     db: Database, settings: Settings, storage: Storage, owner: Owner, form: ReceivedForm, idem_key: str | None
 ) -> tuple[JobRecord, bool]:
-    """Runs in a worker thread: extract + scan + validate, then the job row. Cleans up on error."""
+    """Runs in a worker thread: check and store the archive (or find the dataset), the truth
+    CSV, then the job row. Cleans up on error."""
     params = _parse_params({k: v for k, v in form.fields.items() if k != "dataset_id"})
-    opts = resolve_options(params, settings)
+    opts = _job_options(params, settings)
     archive = form.files.get("archive")
     dataset_id = form.fields.get("dataset_id") or None
     if archive is not None and dataset_id:
@@ -171,18 +188,17 @@ def _create_from_upload(
     job_dir = storage.job_dir(job_id)
     try:
         if archive is not None:
-            prepared = prepare_upload(archive.path, form.workdir / "images", settings)
-            _check_k(params.n_clusters, prepared.n_images)
-            truth_rows = parse_truth(truth.path, prepared.names) if truth is not None else None
-            job_dir.mkdir(parents=True)
-            os.replace(prepared.root, job_dir / "images")
+            checked = check_upload(archive.path, settings)
+            _check_k(params.n_clusters, checked.n_images)
+            truth_rows = read_upload_truth(truth.path, truth.filename, checked.names) if truth is not None else None
+            stored = store_upload(checked, job_dir)
             if truth_rows is not None:
-                write_truth(truth_rows, storage.truth_path(job_id))
+                write_truth(storage.truth_path(job_id), truth_rows)
             with db.session() as s:
                 job, created = repository.create_job(
-                    s, owner, id=job_id, idempotency_key=idem_key, input_path=storage.rel(job_dir / "images"),
-                    owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=prepared.n_images,
-                    input_skipped=[list(x) for x in prepared.skipped], has_truth=truth_rows is not None, **opts,
+                    s, owner, id=job_id, idempotency_key=idem_key, input_path=storage.rel(stored),
+                    owns_input=True, input_name=(archive.filename or "upload")[:512], n_images=checked.n_images,
+                    input_skipped=[list(x) for x in checked.skipped], has_truth=truth_rows is not None, **opts,
                 )
         else:
             with db.session() as s:
@@ -193,11 +209,10 @@ def _create_from_upload(
                 _check_k(params.n_clusters, ds.n_images)
                 truth_rows = None
                 if truth is not None:
-                    skipped = {n for n, _ in ds.skipped}
-                    names = [n for n in _image_names_of_folder(storage.abs(ds.files_path)) if n not in skipped]
-                    truth_rows = parse_truth(truth.path, sorted(names))
+                    names = image_names(storage.abs(ds.files_path))
+                    truth_rows = read_upload_truth(truth.path, truth.filename, names)
                     job_dir.mkdir(parents=True)
-                    write_truth(truth_rows, storage.truth_path(job_id))
+                    write_truth(storage.truth_path(job_id), truth_rows)
                 job, created = _create_dataset_job(s, job_id, owner, ds, idem_key, opts, truth_rows is not None)
         if not created:
             storage.remove_job_files(job_id)
@@ -220,7 +235,7 @@ def _create_dataset_job(s, job_id: str, owner: Owner, ds: Dataset, idem_key: str
 
 def _create_from_dataset(db: Database, settings: Settings, storage: Storage, owner: Owner,
                          body: JobFromDataset, idem_key: str | None) -> tuple[JobRecord, bool]:
-    opts = resolve_options(body, settings)
+    opts = _job_options(body, settings)
     with db.session() as s:
         # Locks the dataset row so that it cannot be deleted while the job is being created.
         ds = crud.get_dataset(s, owner, body.dataset_id, for_update=True)
@@ -257,7 +272,7 @@ async def create_job(
 
     * `multipart/form-data`: the images as an archive in field **archive** (zip, tar,
       tar.gz, tar.bz2, tar.xz) or a **dataset_id**, plus **n_clusters** and the optional
-      fields backbone, mode, epochs, formulation, seed, and an optional ground-truth CSV
+      fields backbone, mode, epochs, formulation, init, seed, and an optional ground-truth CSV
       `filename,label` in field **truth**.
     * `application/json`: `{"dataset_id": "...", "n_clusters": 10, ...}`.
 
@@ -343,10 +358,10 @@ def list_jobs(
     statuses = None
     if status:
         statuses = {s.strip().lower() for v in status for s in v.split(",") if s.strip()}
-        bad = statuses - set(JobStatus.ALL)
+        bad = statuses - set(JobStatus)
         if bad:
             raise UploadRejected(
-                f"Unknown status {', '.join(sorted(bad))}. Use one of: {', '.join(JobStatus.ALL)}."
+                f"Unknown status {', '.join(sorted(bad))}. Use one of: {', '.join(JobStatus)}."
             )
     rows, total = repository.list_jobs(session, owner, limit, offset, statuses, dataset_id)
     return JobList(items=[job_out(request, j) for j in rows], total=total, limit=limit, offset=offset)
@@ -393,9 +408,10 @@ def _require_success(job: JobRecord, what: str) -> None:
                200: {"content": {"text/csv": {}}, "description": "filename,cluster,confidence"}},
 )
 async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep):
-    """The cluster of every image: CSV `filename,cluster,confidence`, one row per image, in
-    the order of the image names, streamed from the database. After a curation the clusters
-    are the curated ones and a fourth column `cluster_name` gives their names."""
+    """The cluster of every image: CSV `filename,cluster,confidence` (confidence with 4
+    decimals, as the CLI writes it), one row per image, in the order of the image names,
+    streamed from the database. After a curation the clusters are the curated ones and a
+    fourth column `cluster_name` gives their names."""
 
     def check() -> tuple[JobRecord, bool]:
         with db.session() as s:
