@@ -89,3 +89,44 @@ def test_last_used_of_existing_datasets_is_filled_in(tmp_path):
     engine.dispose()
     assert {k: str(v)[:10] for k, v in rows.items()} == {"used": "2024-05-01", "unused": "2024-01-01"}
     assert _diff(settings.sqlalchemy_url) == []
+
+
+def test_revisions_form_one_chain_each_step_up_and_down(tmp_path):
+    """One head, one line (the web UI's 0003_curation, then the job option init, 0004): a
+    database at any earlier revision upgrades to the head, and every step goes back down."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    from app.core.db import alembic_config
+
+    settings = settings_from(service_env(data_dir=tmp_path))
+    cfg = alembic_config(settings.sqlalchemy_url)
+    script = ScriptDirectory.from_config(cfg)
+    chain = [rev.revision for rev in script.walk_revisions("base", "heads")][::-1]
+    assert script.get_heads() == [chain[-1]] and len(set(chain)) == len(chain)
+    assert [script.get_revision(r).down_revision for r in chain] == [None, *chain[:-1]]
+    assert chain[2:] == ["0003_curation", "0004_job_init"]
+    engine = create_engine(settings.sqlalchemy_url)
+    try:
+        for rev in chain:  # from each earlier revision, one step up
+            command.upgrade(cfg, rev)
+        assert _diff(settings.sqlalchemy_url) == []
+        for rev in reversed(chain):  # and each step down
+            command.downgrade(cfg, script.get_revision(rev).down_revision or "base")
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+        command.upgrade(cfg, "0003_curation")  # main's head before the merge: its jobs get init=auto
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                              "VALUES (1, 'k', 'h', 'p', '2024-01-01 00:00:00')"))
+            conn.execute(text(
+                "INSERT INTO jobs (id, owner_id, input_path, owns_input, input_name, n_clusters, backbone, mode, "
+                "formulation, seed, has_truth, n_images, input_skipped, status, cancel_requested, attempts, "
+                "progress, created_at) VALUES ('j', 1, 'x', 0, 'x', 2, 'b', 'fast', 'sp2ot', 0, 0, 1, '[]', "
+                "'succeeded', 0, 1, '{}', '2024-01-01 00:00:00')"))
+        command.upgrade(cfg, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT init FROM jobs")).scalar_one() == "auto"
+    finally:
+        engine.dispose()
+    assert _diff(settings.sqlalchemy_url) == []
