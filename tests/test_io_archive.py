@@ -357,6 +357,48 @@ def test_verify_from_manifest_skips_damaged_pixels(tmp_path):
         assert col.names == ["ok.png"] and "truncated" in dict(col.skipped)["cut.jpg"]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_on_decoded_sees_every_verified_image_once(tmp_path, threads):
+    """The verification's decoded images go to on_decoded (what the service makes its
+    thumbnails from): each image that decodes, once, as RGB; JPEGs no smaller than the hook's
+    decode_min_side; its errors stop the scan; without verify it is refused."""
+    import threading
+
+    jpg = encode(Image.new("RGB", (1600, 1200), (200, 0, 0)), "JPEG", quality=90)
+    files = {"big.jpg": jpg, "clear.png": encode(Image.new("RGBA", (6, 4), (0, 0, 255, 0))),
+             "cut.jpg": jpg[: len(jpg) // 3], "grey.png": encode(Image.new("L", (5, 5), 7))}
+    arc = make_zip(tmp_path / "a.zip", files)
+    m = inspect_archive(arc)
+    seen: dict[str, tuple] = {}
+    lock = threading.Lock()
+
+    def hook(name, image):
+        with lock:
+            assert name not in seen
+            seen[name] = (image.mode, image.size, image.getpixel((0, 0)))
+
+    hook.decode_min_side = 300
+    with ImageCollection.from_manifest(arc, m, verify=True, threads=threads, on_decoded=hook) as col:
+        assert col.names == ["big.jpg", "clear.png", "grey.png"] and set(seen) == set(col.names)
+        with col.open_bytes(0) as f:  # the encoded bytes, streamed
+            assert f.read(5) + f.read() == jpg
+    assert seen["clear.png"] == ("RGB", (6, 4), (255, 255, 255))  # as load() makes it
+    assert seen["grey.png"][0] == "RGB" and seen["grey.png"][2] == (7, 7, 7)
+    assert seen["big.jpg"][1] == (400, 300)  # decoded at 1/4: the shorter side still >= 300
+    hook.decode_min_side = None
+    seen.clear()
+    scan_images(arc, threads=threads, on_decoded=hook).close()
+    assert seen["big.jpg"][1] == (200, 150)  # the verification's own scale (>= 64)
+
+    def failing(name, image):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        ImageCollection.from_manifest(arc, m, verify=True, threads=threads, on_decoded=failing)
+    with pytest.raises(ValueError, match="verify=True"):
+        ImageCollection.from_manifest(arc, m, on_decoded=hook)
+
+
 def test_keep_the_decompressed_tar_of_a_compressed_one(tmp_path):
     files = {"a.png": png(4, 4, (200, 0, 0)), "b.png": png(3, 3)}
     arc = make_tar(tmp_path / "a.tar.xz", files, "w:xz")

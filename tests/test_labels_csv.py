@@ -37,6 +37,22 @@ def test_streamed_chunks_equal_one_file(tmp_path):
     assert format_labels([("x", 1, 0.5)], header=False, decimals=6) == "x,1,0.500000\r\n"
 
 
+def test_labels_with_cluster_names_read_the_same(tmp_path):
+    """The service's curated labels.csv: a fourth column cluster_name, read like three."""
+    rows = [("a.png", 0, 0.5), ("b, c.png", 2, 0.25), ("d.png", 1, 1.0)]
+    names = {0: "cats", 2: 'big "dogs", mostly'}
+    text = format_labels(rows, cluster_names=names)
+    assert text == ('filename,cluster,confidence,cluster_name\r\na.png,0,0.5000,cats\r\n'
+                    '"b, c.png",2,0.2500,"big ""dogs"", mostly"\r\nd.png,1,1.0000,\r\n')
+    assert format_labels(rows[:1], cluster_names=names) + format_labels(rows[1:], header=False,
+                                                                         cluster_names=names) == text
+    write_labels(tmp_path / "named.csv", rows, cluster_names=names)
+    write_labels(tmp_path / "plain.csv", rows)
+    assert (tmp_path / "named.csv").read_text(encoding="utf-8").replace("\r\n", "\n") == text.replace("\r\n", "\n")
+    assert read_labels(tmp_path / "named.csv") == read_labels(tmp_path / "plain.csv") == \
+        {"a.png": "0", "b, c.png": "2", "d.png": "1"}
+
+
 def test_truth_round_trip(tmp_path):
     write_truth(tmp_path / "truth.csv", [("a.png", 3), ("b, c.png", "cat")])
     assert (tmp_path / "truth.csv").read_bytes() == b'filename,label\r\na.png,3\r\n"b, c.png",cat\r\n'

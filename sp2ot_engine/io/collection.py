@@ -16,6 +16,11 @@ decodes (a full decode, converted to RGB exactly as ``load`` will do later), and
 ``ImageCollection.from_manifest(path, manifest)`` reads the images a manifest lists (written
 when an upload was checked) without scanning again.
 
+``on_decoded(name, image)`` (of :func:`scan_images` and of ``from_manifest(..., verify=True)``)
+sees every image the verification decodes, once, as the RGB image the check made: a caller
+can derive something cheap from it (the service makes its thumbnails there) instead of
+decoding every image a second time.
+
 Nothing is extracted to memory: members are read one at a time (see
 :mod:`sp2ot_engine.io._sources`: a compressed tar is decompressed once into a temporary file,
 deleted by ``close()``). Collections pickle cheaply (path + member table), so they work in
@@ -26,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from PIL import Image
 
@@ -36,6 +41,11 @@ from sp2ot_engine.io.decode import DEFAULT_BACKGROUND, decode_image, describe_de
 __all__ = ["ImageCollection", "ImageLoadError", "scan_images"]
 
 ProgressFn = Callable[[int, int], None]
+#: ``on_decoded(name, image)``: see :func:`scan_images`.
+DecodedFn = Callable[[str, Image.Image], None]
+#: The shorter side (in pixels) the verification decodes an image to at least (JPEGs may be
+#: decoded at a reduced DCT scale; every byte is still decoded).
+VERIFY_MIN_SIDE = 64
 
 
 class ImageLoadError(RuntimeError):
@@ -68,22 +78,24 @@ class ImageCollection:
     def open(cls, path: str | os.PathLike, *, background: str | Sequence[int] = DEFAULT_BACKGROUND,
              threads: int | None = None, cache_dir: str | os.PathLike | None = None,
              max_file_bytes: int | None = None, limits: Limits | None = None,
-             progress: ProgressFn | None = None) -> "ImageCollection":
+             progress: ProgressFn | None = None, on_decoded: DecodedFn | None = None) -> "ImageCollection":
         """Scan ``path`` (a folder, recursively, or an archive). See :func:`scan_images`."""
         return scan_images(path, background=background, threads=threads, cache_dir=cache_dir,
-                           max_file_bytes=max_file_bytes, limits=limits, progress=progress)
+                           max_file_bytes=max_file_bytes, limits=limits, progress=progress,
+                           on_decoded=on_decoded)
 
     @classmethod
     def from_manifest(cls, path: str | os.PathLike, manifest: Manifest, *,
                       background: str | Sequence[int] = DEFAULT_BACKGROUND,
                       cache_dir: str | os.PathLike | None = None, verify: bool = False,
-                      threads: int | None = None, progress: ProgressFn | None = None) -> "ImageCollection":
+                      threads: int | None = None, progress: ProgressFn | None = None,
+                      on_decoded: DecodedFn | None = None) -> "ImageCollection":
         """The images ``manifest`` lists, read from ``path`` without scanning it again.
 
         The manifest must belong to ``path`` (same kind, same size in bytes). Its headers were
         checked but nothing was decoded: with ``verify=True`` every image is decoded once here
-        and those that fail are skipped, as :func:`scan_images` does; otherwise damaged pixel
-        data surfaces as :class:`ImageLoadError` when the image is loaded.
+        and those that fail are skipped, as :func:`scan_images` does (``on_decoded`` as there);
+        otherwise damaged pixel data surfaces as :class:`ImageLoadError` when the image is loaded.
         """
         parse_background(background)
         spath = os.fspath(path)
@@ -94,7 +106,9 @@ class ImageCollection:
                 raise ValueError(f"the manifest does not belong to {spath}: it lists a {manifest.kind} of "
                                  f"{manifest.source_bytes} bytes, this is a {reader.kind} of {size} bytes")
             if verify:
-                manifest = _verified(reader, manifest, background, threads, progress)
+                manifest = _verified(reader, manifest, background, threads, progress, on_decoded)
+            elif on_decoded is not None:
+                raise ValueError("on_decoded needs verify=True: without it nothing is decoded here")
         except BaseException:
             reader.close()
             raise
@@ -115,6 +129,11 @@ class ImageCollection:
     def read_bytes(self, i: int) -> bytes:
         """The encoded bytes of image ``i``."""
         return self._reader.read(self.members[i].key)
+
+    def open_bytes(self, i: int) -> BinaryIO:
+        """The encoded bytes of image ``i`` as a readable binary file, streamed from the folder
+        or archive (to copy a large image without holding it in memory); close it after use."""
+        return self._reader.open(self.members[i].key)
 
     def load(self, i: int, *, background: str | Sequence[int] | None = None,
              min_side: int | None = None) -> Image.Image:
@@ -159,6 +178,7 @@ def scan_images(
     max_file_bytes: int | None = None,
     limits: Limits | None = None,
     progress: ProgressFn | None = None,
+    on_decoded: DecodedFn | None = None,
 ) -> ImageCollection:
     """Scan a folder (recursively) or an archive and verify every image decodes.
 
@@ -168,6 +188,12 @@ def scan_images(
     ``threads``: decoding threads for the verification (default ``min(4, cpu_count)``).
     ``cache_dir``: where a compressed tar is decompressed to (default: system temp dir).
     ``progress(done, total)`` is called as candidates are verified.
+    ``on_decoded(name, image)`` is called once for every image that decodes, with the RGB image
+    the verification made (as ``load`` would make it, but JPEGs possibly at a reduced scale:
+    its shorter side is at least ``max(VERIFY_MIN_SIDE, on_decoded.decode_min_side)``, the
+    latter an optional attribute of the callable, as a transform's ``decode_min_side``). It runs
+    in the verifying threads, in no particular order, so it must be thread-safe; what it raises
+    stops the scan and propagates. Images that fail to decode never reach it.
 
     Raises ValueError (:class:`~sp2ot_engine.io.archive.ArchiveRejected`) if the path does not
     exist, is neither a folder nor a supported archive, or the archive is corrupt or breaks a
@@ -179,7 +205,7 @@ def scan_images(
         limits = dataclasses.replace(limits, max_member_bytes=max_file_bytes)
     reader = open_source(path, limits, cache_dir=cache_dir)
     try:
-        manifest = _verified(reader, build_manifest(reader, limits), background, threads, progress)
+        manifest = _verified(reader, build_manifest(reader, limits), background, threads, progress, on_decoded)
     except BaseException:
         reader.close()
         raise
@@ -187,9 +213,11 @@ def scan_images(
 
 
 def _verified(reader: Source, manifest: Manifest, background: str | Sequence[int], threads: int | None,
-              progress: ProgressFn | None) -> Manifest:
-    """``manifest`` without the images that fail a full decode (moved to ``skipped``)."""
+              progress: ProgressFn | None, on_decoded: DecodedFn | None = None) -> Manifest:
+    """``manifest`` without the images that fail a full decode (moved to ``skipped``); each
+    image that decodes goes to ``on_decoded`` (see :func:`scan_images`)."""
     bg = parse_background(background)
+    min_side = max(VERIFY_MIN_SIDE, int(getattr(on_decoded, "decode_min_side", 0) or 0))
 
     def check(member: Member) -> str | None:
         try:
@@ -198,9 +226,11 @@ def _verified(reader: Source, manifest: Manifest, background: str | Sequence[int
             return f"cannot read ({e})"
         try:
             # A full decode (JPEGs at a reduced DCT scale: still every byte is decoded) + RGB conversion.
-            decode_image(data, bg, min_side=64)
+            image = decode_image(data, bg, min_side=min_side)
         except Exception as e:
             return describe_decode_error(member.name, e)
+        if on_decoded is not None:
+            on_decoded(member.name, image)  # outside the try: its errors are not the image's
         return None
 
     members = manifest.members
@@ -208,11 +238,14 @@ def _verified(reader: Source, manifest: Manifest, background: str | Sequence[int
     total = len(members)
     reasons: list[str | None] = []
     if n_threads > 1 and total > 1:
-        with ThreadPoolExecutor(n_threads, thread_name_prefix="sp2ot-scan") as pool:
+        pool = ThreadPoolExecutor(n_threads, thread_name_prefix="sp2ot-scan")
+        try:
             for r in pool.map(check, members, chunksize=1):
                 reasons.append(r)
                 if progress is not None:
                     progress(len(reasons), total)
+        finally:  # after an error (a callback's), the images not started yet are not checked
+            pool.shutdown(wait=True, cancel_futures=True)
     else:
         for m in members:
             reasons.append(check(m))

@@ -1,7 +1,9 @@
 """The labels and truth CSV formats (torch-free).
 
 - **labels**: ``filename,cluster,confidence``, one row per image, a header first; written by
-  :func:`write_labels` / :func:`format_labels`, read by :func:`read_labels`.
+  :func:`write_labels` / :func:`format_labels`, read by :func:`read_labels`. With
+  ``cluster_names`` (the service, once a person named or edited the clusters) a fourth column
+  ``cluster_name``; readers find the columns by name, so both shapes read the same.
 - **truth**: ``filename,label``; written by :func:`write_truth` (with a header), read by
   :func:`read_truth` (header optional); :func:`match_truth` matches its filenames to the
   names of a set of images (by path, or by an unambiguous base name).
@@ -24,11 +26,12 @@ import io
 import itertools
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TextIO
+from typing import Callable, Iterable, Mapping, Sequence, TextIO
 
 __all__ = [
     "CONFIDENCE_DECIMALS",
     "LABELS_COLUMNS",
+    "NAMED_LABELS_COLUMNS",
     "TRUTH_COLUMNS",
     "CsvFormatError",
     "format_labels",
@@ -41,6 +44,8 @@ __all__ = [
 ]
 
 LABELS_COLUMNS = ("filename", "cluster", "confidence")
+#: The labels columns with the clusters' names (see :func:`format_labels`).
+NAMED_LABELS_COLUMNS = (*LABELS_COLUMNS, "cluster_name")
 TRUTH_COLUMNS = ("filename", "label")
 #: Digits after the decimal point of a written confidence.
 CONFIDENCE_DECIMALS = 4
@@ -59,19 +64,29 @@ class CsvFormatError(ValueError):
 # ------------------------------------------------------------------------------ writing
 
 
-def format_labels(rows: Iterable[LabelRow], *, header: bool = True, decimals: int = CONFIDENCE_DECIMALS) -> str:
+def format_labels(rows: Iterable[LabelRow], *, header: bool = True, decimals: int = CONFIDENCE_DECIMALS,
+                  cluster_names: Mapping[int, str] | None = None) -> str:
     """``rows`` of ``(filename, cluster, confidence)`` as labels CSV text (``\\r\\n`` line ends,
     quoting where a filename needs it). With ``header=False`` it continues an earlier chunk, so
-    a large table can be streamed in batches."""
-    return _csv_text(LABELS_COLUMNS if header else None,
-                     ((name, int(cluster), f"{float(conf):.{decimals}f}") for name, cluster, conf in rows))
+    a large table can be streamed in batches. With ``cluster_names`` (``{cluster: name}``) a
+    fourth column ``cluster_name`` (empty for a cluster without a name)."""
+    def num(conf) -> str:
+        return f"{float(conf):.{decimals}f}"
+
+    if cluster_names is None:
+        return _csv_text(LABELS_COLUMNS if header else None,
+                         ((name, int(cluster), num(conf)) for name, cluster, conf in rows))
+    return _csv_text(NAMED_LABELS_COLUMNS if header else None,
+                     ((name, int(cluster), num(conf), cluster_names.get(int(cluster), ""))
+                      for name, cluster, conf in rows))
 
 
 def write_labels(target: str | os.PathLike | TextIO, rows: Iterable[LabelRow], *,
-                 decimals: int = CONFIDENCE_DECIMALS) -> None:
+                 decimals: int = CONFIDENCE_DECIMALS, cluster_names: Mapping[int, str] | None = None) -> None:
     """Write a labels CSV to a path (created or replaced) or to an open text file (opened with
     ``newline=""``; left open, so a caller can ``fsync`` it before renaming)."""
-    _write(target, rows, lambda batch, header: format_labels(batch, header=header, decimals=decimals))
+    _write(target, rows, lambda batch, header: format_labels(batch, header=header, decimals=decimals,
+                                                             cluster_names=cluster_names))
 
 
 def write_truth(target: str | os.PathLike | TextIO, rows: Iterable[tuple[str, str | int]]) -> None:
