@@ -1,23 +1,24 @@
 """Exports of a succeeded job's (possibly curated) clusters, each a stream of bytes:
 
-* ``csv``: as ``labels.csv`` (``filename,cluster,confidence``, and ``cluster_name`` once curated);
+* ``csv``: as ``labels.csv`` (``filename,cluster,confidence``, and ``cluster_name`` once curated;
+  written by the engine's :mod:`sp2ot_engine.io.labels_csv`, the one owner of that format);
 * ``json``: ``{"images": [{filename, cluster, cluster_name, confidence}...], "clusters": [{id, name,
   size, representatives: [filenames]}...], "curated": ..., "curation_edits": ...}``;
 * ``labelstudio``: Label Studio's import JSON, one task per image with a prediction whose choice
   is the cluster name and whose score is the confidence;
-* ``zip``: one folder per cluster holding the original images, plus ``labels.csv`` and
-  ``export.txt`` at the root. Written by :mod:`zipfile` to a sink that is emptied after every
-  chunk (entries stored, sizes in data descriptors, ZIP64), so memory stays flat whatever the
-  archive size.
+* ``zip``: ``labels.csv`` (as the csv export), one folder per cluster holding the original
+  images, and ``export.txt``. The originals are read from the stored upload through its
+  manifest (:func:`app.storage.open_stored`), each copied in chunks. Written by :mod:`zipfile` to
+  a sink that is emptied after every chunk (entries stored, sizes in data descriptors, ZIP64),
+  so memory stays flat whatever the archive size.
 
 Rows are read in batches through a server-side cursor; every generator owns its session.
 """
 from __future__ import annotations
 
-import csv
+import bisect
 import io
 import json
-import os
 import re
 import time
 import zipfile
@@ -27,11 +28,14 @@ from pathlib import Path
 from app import results
 from app.core.db import Database
 from app.jobs.repository import JobRecord
+from app.storage import open_stored
+from sp2ot_engine.io.labels_csv import format_labels
 
 FORMATS = ("json", "zip", "labelstudio", "csv")
 BATCH = 5000
 REPRESENTATIVES = 5
 ZIP_CHUNK = 1 << 20
+MISSING_LISTED = 1000  # names of missing originals listed in export.txt
 LABEL_STUDIO_CONFIG = ('<View><Image name="image" value="$image"/><Choices name="cluster" toName="image">'
                        '{choices}</Choices></View>')
 
@@ -53,18 +57,12 @@ def snapshot(db: Database, job: JobRecord) -> tuple[list[results.Cluster], resul
 
 
 def csv_stream(db: Database, job: JobRecord, curated: bool) -> Iterator[bytes]:
-    """labels.csv; when curated, a fourth column ``cluster_name`` (readers find columns by name)."""
-    names: dict[int, str] = {}
-    if curated:
-        names = {c.id: c.name for c in snapshot(db, job)[0]}
-    yield b"filename,cluster,confidence,cluster_name\r\n" if curated else b"filename,cluster,confidence\r\n"
+    """labels.csv (:func:`sp2ot_engine.io.labels_csv.format_labels`, confidences with 4 decimals);
+    when curated, a fourth column ``cluster_name`` (readers find columns by name)."""
+    names = {c.id: c.name for c in snapshot(db, job)[0]} if curated else None
+    yield format_labels([], cluster_names=names).encode("utf-8")  # the header
     for rows in _rows(db, job.id):
-        buf = io.StringIO()
-        if curated:
-            csv.writer(buf).writerows((f, c, f"{p:.6f}", names.get(c, "")) for _, f, c, p in rows)
-        else:
-            csv.writer(buf).writerows((f, c, f"{p:.6f}") for _, f, c, p in rows)
-        yield buf.getvalue().encode("utf-8")
+        yield format_labels(((f, c, p) for _, f, c, p in rows), header=False, cluster_names=names).encode("utf-8")
 
 
 def json_stream(db: Database, job: JobRecord) -> Iterator[bytes]:
@@ -154,37 +152,60 @@ class _Sink(io.RawIOBase):
         return data
 
 
-def zip_stream(db: Database, job: JobRecord, images_root: Path) -> Iterator[bytes]:
+def zip_stream(db: Database, job: JobRecord, stored: Path) -> Iterator[bytes]:
+    """The zip export; ``stored``: the job's stored upload (its originals, read through the
+    manifest next to it). An original the upload no longer holds is listed in ``export.txt``."""
     clusters, info = snapshot(db, job)
     folders = folder_names(clusters)
     sink = _Sink()
-    missing: list[str] = []
-    labels = io.StringIO()
-    labels.write("filename,cluster,confidence\r\n")
-    writer = csv.writer(labels)
-    root = images_root.resolve()
-    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for rows in _rows(db, job.id):
-            for _, filename, cluster, confidence in rows:
-                writer.writerow((filename, cluster, f"{confidence:.6f}"))
-                path = (root / filename).resolve()
-                if not str(path).startswith(str(root) + os.sep) or not path.is_file():
-                    missing.append(filename)
-                    continue
-                zi = zipfile.ZipInfo(f"{folders.get(cluster, f'cluster_{cluster}')}/{filename}",
-                                     time.localtime(path.stat().st_mtime)[:6])
-                zi.compress_type = zipfile.ZIP_STORED
-                with open(path, "rb") as src, zf.open(zi, "w", force_zip64=True) as dest:
-                    while chunk := src.read(ZIP_CHUNK):
-                        dest.write(chunk)
-                        yield sink.take()
-                yield sink.take()
-        zf.writestr("labels.csv", labels.getvalue())  # the folders' clusters, numbered as in labels.csv
-        note = [f"sp2ot job {job.id}: {sum(c.size for c in clusters)} images, "
-                f"{sum(1 for c in clusters if c.size)} non-empty clusters, one folder each.",
-                f"curated: {'yes, ' + str(info.edits) + ' edit(s)' if info.curated else 'no'}"]
-        if missing:
-            note.append(f"{len(missing)} original image(s) are no longer stored and are missing:")
-            note += missing[:1000]
-        zf.writestr("export.txt", "\n".join(note) + "\n")
-    yield sink.take()
+    missing: list[str] = []  # the first MISSING_LISTED of them
+    n_missing = 0
+    try:
+        images = open_stored(stored)
+    except (OSError, ValueError):  # the dataset was deleted, or the upload changed
+        images = None
+    try:
+        names = images.names if images is not None else []  # sorted: found by bisection, no index to hold
+        when = time.localtime(stored.stat().st_mtime)[:6] if images is not None else time.localtime()[:6]
+        with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open(_entry("labels.csv", when), "w", force_zip64=True) as dest:  # streamed, a batch at a time
+                for chunk in csv_stream(db, job, info.curated):
+                    dest.write(chunk)
+                    yield sink.take()
+            for rows in _rows(db, job.id):
+                for _, filename, cluster, _ in rows:
+                    i = bisect.bisect_left(names, filename)
+                    try:
+                        src = images.open_bytes(i) if names[i:i + 1] == [filename] else None
+                    except OSError:
+                        src = None
+                    if src is None:
+                        n_missing += 1
+                        if len(missing) < MISSING_LISTED:
+                            missing.append(filename)
+                        continue
+                    entry = _entry(f"{folders.get(cluster, f'cluster_{cluster}')}/{filename}", when)
+                    with src, zf.open(entry, "w", force_zip64=True) as dest:
+                        while chunk := src.read(ZIP_CHUNK):
+                            dest.write(chunk)
+                            yield sink.take()
+                    yield sink.take()
+            note = [f"sp2ot job {job.id}: {sum(c.size for c in clusters)} images, "
+                    f"{sum(1 for c in clusters if c.size)} non-empty clusters, one folder each; "
+                    "labels.csv numbers the folders' clusters.",
+                    f"curated: {'yes, ' + str(info.edits) + ' edit(s)' if info.curated else 'no'}"]
+            if n_missing:
+                note.append(f"{n_missing} original image(s) are no longer stored and are missing"
+                            + (f" (the first {len(missing)}):" if n_missing > len(missing) else ":"))
+                note += missing
+            zf.writestr("export.txt", "\n".join(note) + "\n")
+        yield sink.take()
+    finally:
+        if images is not None:
+            images.close()
+
+
+def _entry(name: str, when: tuple) -> zipfile.ZipInfo:
+    zi = zipfile.ZipInfo(name, when)
+    zi.compress_type = zipfile.ZIP_STORED
+    return zi

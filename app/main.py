@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.read_pool.close()
             db.dispose()
             app.state.upload_area.close()
+            storage.open_uploads.close()
 
     app = FastAPI(
         title="sp2ot",

@@ -126,15 +126,19 @@ class FakeClustering:
         self.epochs = epochs or 2
 
     def fit(self, path, progress=None, should_stop=None):
-        """``path``: a manifest (what the service's runner passes) or a folder/archive."""
+        """``path``: an ImageCollection (what the service's runner passes: read through the
+        upload's manifest, used as it is and left open, as the real estimator does), a manifest
+        or a folder/archive."""
         import numpy as np
 
         from sp2ot_engine import Cancelled
         from sp2ot_engine.io.archive import Manifest, upload_of_manifest
         from sp2ot_engine.io.collection import ImageCollection, scan_images
 
-        upload = upload_of_manifest(path)
-        coll = (ImageCollection.from_manifest(upload, Manifest.read(path), verify=True) if upload is not None
+        owned = not isinstance(path, ImageCollection)
+        upload = upload_of_manifest(path) if owned else None
+        coll = (path if not owned else
+                ImageCollection.from_manifest(upload, Manifest.read(path), verify=True) if upload is not None
                 else scan_images(path))
         if len(coll) < self.n_clusters:
             raise ValueError(f"n_clusters={self.n_clusters} but only {len(coll)} images")
@@ -163,7 +167,8 @@ class FakeClustering:
         self.confidences_ = np.linspace(0.95, 0.5, len(labels))
         self.cluster_sizes_ = np.bincount(self.labels_, minlength=self.n_clusters)
         self.skipped_ = list(coll.skipped)
-        coll.close()
+        if owned:
+            coll.close()
         if progress:
             progress({"stage": "done", "percent": 100})
         return self

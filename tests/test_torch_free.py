@@ -97,6 +97,26 @@ API_SCRIPT = textwrap.dedent("""
         assert c.get(f"/jobs/{job}").json()["status"] == "queued"
         assert c.get(f"/jobs/{job}/labels.csv").status_code == 409
         assert c.get("/health").status_code == 200 and c.get("/openapi.json").status_code == 200
+        assert c.get("/").status_code == 200
+
+        # The pages and exports of a succeeded job read the originals through the stored upload's
+        # manifest, without torch (the job is marked succeeded here: no worker runs in this test).
+        from app.jobs.repository import bulk_insert_assignments
+        from app.models import Job, JobStatus
+
+        names = sorted(images)
+        with c.app.state.db.begin() as s:
+            bulk_insert_assignments(s, job, names, [i % 2 for i in range(len(names))], [0.5] * len(names))
+            row = s.get(Job, job)
+            row.status = JobStatus.SUCCEEDED
+            row.summary = {"n_images": 6, "n_clusters": 2, "cluster_sizes": [3, 3], "n_skipped": 0, "skipped": []}
+        for page in ("", "/clusters/0", "/metrics", "/images/0"):
+            assert c.get(f"/ui/jobs/{job}{page}").status_code == 200, page
+        r = c.get(f"/ui/jobs/{job}/original/1")
+        assert r.status_code == 200 and r.content == images[names[1]] and r.headers["content-type"] == "image/png"
+        r = c.get(f"/jobs/{job}/export?format=zip")
+        assert zipfile.ZipFile(io.BytesIO(r.content)).read(f"cluster_0/{names[0]}") == images[names[0]]
+        assert c.get(f"/jobs/{job}/labels.csv").text.startswith("filename,cluster,confidence\\r\\n")
     loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision", "timm")))
     print(loaded)
 """)

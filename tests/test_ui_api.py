@@ -287,16 +287,28 @@ def test_exports_show_the_curated_clusters(done):
 
 
 def test_zip_export_streams_in_chunks_of_bounded_size(tmp_path):
-    """Memory flat in the archive size: no chunk of the stream holds more than one read."""
+    """Memory flat in the archive size: no chunk of the stream holds more than one read. The
+    originals come from a stored upload (a zip and its manifest, as the API stores it)."""
     from types import SimpleNamespace
 
-    from app import exports
+    import numpy as np
+    from PIL import Image
 
-    root = tmp_path / "images"
-    root.mkdir()
-    blobs = {f"big_{i}.bin": bytes([i]) * (3 * exports.ZIP_CHUNK + 17) for i in range(3)}
-    for name, data in blobs.items():
-        (root / name).write_bytes(data)
+    from app import exports
+    from sp2ot_engine.io.archive import inspect_archive, manifest_path
+
+    blobs = {}
+    rng = np.random.default_rng(0)
+    for i in range(3):  # noise does not compress: each PNG is over 3 reads long
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (1100, 1000, 3), dtype=np.uint8)).save(buf, "PNG", compress_level=0)
+        blobs[f"big_{i}.png"] = buf.getvalue()
+        assert len(blobs[f"big_{i}.png"]) > 3 * exports.ZIP_CHUNK + 17
+    stored = tmp_path / "upload.zip"
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as z:
+        for name, data in blobs.items():
+            z.writestr(name, data)
+    inspect_archive(stored).write(manifest_path(stored))
     rows = [[(i, name, i % 2, 0.5) for i, name in enumerate(sorted(blobs))]]
 
     saved = exports._rows, exports.snapshot
@@ -306,15 +318,15 @@ def test_zip_export_streams_in_chunks_of_bounded_size(tmp_path):
     exports.snapshot = lambda db, job: ([Cluster(0, "cluster 0", 2, False), Cluster(1, "cats", 1, True)],
                                         CurationInfo(0, 0))
     try:
-        chunks = list(exports.zip_stream(None, SimpleNamespace(id="j"), root))
+        chunks = list(exports.zip_stream(None, SimpleNamespace(id="j"), stored))
     finally:
         exports._rows, exports.snapshot = saved
     assert max(len(ch) for ch in chunks) <= exports.ZIP_CHUNK + 4096
     zf = zipfile.ZipFile(io.BytesIO(b"".join(chunks)))
     assert zf.testzip() is None
-    assert sorted(zf.namelist()) == sorted(["cluster_0/big_0.bin", "cats/big_1.bin", "cluster_0/big_2.bin",
+    assert sorted(zf.namelist()) == sorted(["cluster_0/big_0.png", "cats/big_1.png", "cluster_0/big_2.png",
                                             "labels.csv", "export.txt"])
-    assert zf.read("cats/big_1.bin") == blobs["big_1.bin"]
+    assert zf.read("cats/big_1.png") == blobs["big_1.png"]
 
 
 # --------------------------------------------------------------------------- CSRF, login
@@ -389,11 +401,96 @@ def test_csrf_token_is_bound_to_the_session_and_the_server_secret(tmp_path):
     assert load_or_create_secret("configured", tmp_path / "x") == b"configured" and not (tmp_path / "x").exists()
 
 
+def test_a_job_stored_before_uploads_had_manifests(tmp_path, monkeypatch):
+    """An upload stored as a folder of extracted images (before the manifests) still runs: its
+    manifest is made from the headers, the thumbnails from the decoded images, and its
+    originals are served and zipped."""
+    from app import crud
+    from app.models import Job, new_id
+    from app.storage import Storage
+
+    monkeypatch.setenv("SP2OT_FAKE_STEP_DELAY", "0.01")
+    settings = settings_from(service_env(data_dir=tmp_path, estimator="service_fixtures:FakeClustering"))
+    images = image_set(9)
+    with api_client(settings) as c:
+        storage, db = Storage(settings), c.app.state.db
+        jid = new_id()
+        folder = storage.job_dir(jid) / "images"
+        folder.mkdir(parents=True)
+        for name, data in images.items():
+            (folder / name).write_bytes(data)
+        with db.session() as s:
+            s.add(Job(id=jid, owner_id=crud.local_owner(s).id, input_path=storage.rel(folder), owns_input=True,
+                      input_name="old.zip", n_images=9, n_clusters=3, backbone="efficientnet_lite0", mode="fast",
+                      epochs=1, formulation="sp2ot", seed=0, input_skipped=[], progress={}, status="queued"))
+            s.commit()
+        c.app.state.job_queue.submit(jid)
+        assert wait_for(c, None, jid, timeout=60)["status"] == "succeeded"
+        assert c.get(f"/ui/jobs/{jid}/thumbs/0.jpg").headers["content-type"] == "image/jpeg"
+        name = sorted(images)[4]
+        r = c.get(f"/ui/jobs/{jid}/original/4")
+        assert r.status_code == 200 and r.content == images[name]
+        zf = zipfile.ZipFile(io.BytesIO(c.get(f"/jobs/{jid}/export?format=zip").content))
+        assert sorted(n.split("/", 1)[1] for n in zf.namelist() if "/" in n) == sorted(images)
+
+
+def test_open_uploads_are_shared_and_dropped(tmp_path):
+    """The originals' collections are kept open between requests, and dropped (closed once
+    unused) when their manifest changes, their folder is removed, there are too many, or they
+    sit idle."""
+    import os
+    import time
+
+    from app.storage import OpenUploads
+    from sp2ot_engine.io.archive import inspect_archive, manifest_path
+
+    def stored(name: str, n: int):
+        path = tmp_path / name / "upload.zip"
+        path.parent.mkdir()
+        path.write_bytes(make_zip(image_set(n)))
+        inspect_archive(path).write(manifest_path(path))
+        return path
+
+    a, b, c = stored("a", 3), stored("b", 4), stored("c", 5)
+    cache = OpenUploads(size=2, idle=0.3)
+    closed = []
+
+    def watch(images):
+        images.close = lambda: closed.append(len(images))
+        return images
+
+    with cache.use(a) as first:
+        watch(first)
+        with cache.use(a) as again:
+            assert again is first and len(first) == 3
+    with cache.use(b) as images_b:
+        watch(images_b)
+        with cache.use(c) as images_c:  # a third: the least recently used (a) goes
+            watch(images_c)
+            assert closed == [3]
+        cache.forget(tmp_path / "b")  # in use: closed when its user is done
+        assert closed == [3] and images_b.read_bytes(0)
+    assert closed == [3, 4]
+    st = manifest_path(c).stat()  # the manifest rewritten: a new stamp, reopened
+    os.utime(manifest_path(c), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with cache.use(c) as reopened:
+        assert reopened is not images_c and closed == [3, 4, 5]
+        watch(reopened)
+    time.sleep(1.0)  # idle: the timer closes it
+    assert closed == [3, 4, 5, 5] and not cache._open
+    with pytest.raises(ValueError):
+        with cache.use(tmp_path / "nothing" / "upload.zip"):
+            pass
+
+
 # ------------------------------------------------------------------------------ artifacts
 def test_thumbnails_of_every_kind_of_image(tmp_path):
+    """Made from the images the engine's verification decodes (its on_decoded hook), in
+    threads; written in the order of the names asked for."""
     from PIL import Image
 
     from app.jobs import artifacts
+    from sp2ot_engine.io.collection import scan_images
 
     root = tmp_path / "in"
     root.mkdir()
@@ -404,8 +501,11 @@ def test_thumbnails_of_every_kind_of_image(tmp_path):
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     names = ["big.jpg", "clear.png", "grey.png", "palette.gif", "broken.jpg"]
     seen = []
-    made = artifacts.make_thumbnails(root, names, tmp_path / "job", threads=2,
-                                     progress=lambda stage, pct: seen.append((stage, pct)))
+    with artifacts.Thumbnails(tmp_path / "job") as thumbs:
+        with scan_images(root, threads=2, on_decoded=thumbs) as images:
+            assert "broken.jpg" not in images.names
+        made = thumbs.write(names, progress=lambda stage, pct: seen.append((stage, pct)))
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [artifacts.THUMBS_BIN, artifacts.THUMBS_IDX]
     assert made == 4 and seen[-1] == ("thumbnails", 100.0)
     sizes = [Image.open(io.BytesIO(artifacts.read_thumbnail(tmp_path / "job", i))).size for i in range(4)]
     assert sizes == [(128, 96), (128, 34), (50, 40), (64, 64)]
@@ -416,8 +516,10 @@ def test_thumbnails_of_every_kind_of_image(tmp_path):
     assert artifacts.read_thumbnail(tmp_path / "job", 4) == b""
     assert artifacts.read_thumbnail(tmp_path / "job", 5) is None
     assert artifacts.read_thumbnail(tmp_path / "nothing", 0) is None
-    with pytest.raises(artifacts.Stopped):
-        artifacts.make_thumbnails(root, names, tmp_path / "job2", should_stop=lambda: True)
+    with pytest.raises(artifacts.Stopped), artifacts.Thumbnails(tmp_path / "job2") as thumbs:
+        scan_images(root, on_decoded=thumbs).close()
+        thumbs.write(names, should_stop=lambda: True)
+    assert not list((tmp_path / "job2").iterdir())  # nothing half-written left
 
 
 @pytest.mark.parametrize("n", [6, 400])

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SP2OT_", extra="ignore", validate_default=True)
 
     # --- storage -------------------------------------------------------------------
-    data_dir: Path = Field(default_factory=_default_data_dir, description="Uploads, extracted datasets, SQLite file.")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Uploads (stored as they came, with their manifests), job files, SQLite file.")
     database_url: str = Field(
         "",
         description="SQLAlchemy URL; empty = SQLite file <data_dir>/sp2ot.db. "

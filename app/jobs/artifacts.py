@@ -4,24 +4,28 @@ Both are files in the job's folder (``app.storage``), deleted with the job:
 
 * ``thumbs.bin`` / ``thumbs.idx``: one small JPEG per image (longest side :data:`THUMB_SIZE`),
   concatenated in image order; ``thumbs.idx`` holds ``N + 1`` little-endian uint64 offsets, so
-  thumbnail ``i`` is bytes ``idx[i]:idx[i + 1]`` (empty: the image could not be read). One file
+  thumbnail ``i`` is bytes ``idx[i]:idx[i + 1]`` (empty: no thumbnail could be made). One file
   pair instead of 50,000 files; the pages read a thumbnail with two small reads and never decode
   an original.
 * ``map.f32``: ``N x 2`` little-endian float32 in ``[0, 1]``, the features projected to 2-D
   (PCA to 50 dimensions, then t-SNE with openTSNE's FFT method; PCA alone when openTSNE is
   missing or there are too few images).
 
-Thumbnails are made by a thread pool: Pillow releases the GIL while it decodes, resizes and
-encodes, and a JPEG is decoded at a reduced scale (``draft``) when it is much larger than the
-thumbnail.
+Thumbnails cost no decoding of their own: :class:`Thumbnails` is the ``on_decoded`` hook of the
+engine's verification pass (``ImageCollection.from_manifest(..., verify=True, on_decoded=...)``),
+which decodes every image of the upload once anyway; it shrinks each decoded image (JPEGs come
+decoded at a reduced scale no smaller than :data:`THUMB_SIZE`) and encodes a small JPEG, in the
+verifying threads, then :meth:`Thumbnails.write` lays them out in the job's image order.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
+import tempfile
+import threading
+import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,55 +47,97 @@ class Stopped(Exception):
     """``should_stop()`` answered True between two chunks."""
 
 
-def thumbnail_bytes(path: str | os.PathLike, size: int = THUMB_SIZE) -> bytes:
-    """A JPEG of the image, its longest side ``size`` pixels at most; b"" when it cannot be read."""
-    from PIL import Image, ImageOps
+def thumbnail_of(image, size: int = THUMB_SIZE) -> bytes:
+    """A JPEG of a decoded RGB image (as the engine makes it: EXIF orientation applied,
+    transparency flattened), its longest side ``size`` pixels at most (never enlarged); b"" when
+    it cannot be made. The image itself is left as it is."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is enough
-            im = ImageOps.exif_transpose(im)
-            im.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            elif im.mode != "RGB":
-                im = im.convert("RGB")
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=THUMB_QUALITY)
-            return buf.getvalue()
-    except Exception:  # an unreadable image gets the placeholder, the job goes on
-        log.debug("no thumbnail for %s", path, exc_info=True)
+        w, h = image.size
+        scale = min(1.0, size / max(w, h, 1))
+        small = image if scale == 1.0 else image.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                        Image.Resampling.BILINEAR, reducing_gap=2.0)
+        if small.mode != "RGB":
+            small = small.convert("RGB")
+        buf = io.BytesIO()
+        small.save(buf, "JPEG", quality=THUMB_QUALITY)
+        return buf.getvalue()
+    except Exception:  # a missing thumbnail is a placeholder on the pages; the job goes on
+        log.debug("cannot make a thumbnail", exc_info=True)
         return b""
 
 
-def make_thumbnails(root: Path, filenames: Sequence[str], out_dir: Path, *, threads: int | None = None,
-                    progress: Progress | None = None, should_stop: ShouldStop | None = None) -> int:
-    """Write ``thumbs.bin`` and ``thumbs.idx`` for ``filenames`` (relative to ``root``), in that
-    order. Returns how many images got a thumbnail."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    offsets = np.zeros(len(filenames) + 1, dtype="<u8")
-    made = 0
-    threads = threads or max(1, os.cpu_count() or 1)
-    tmp_bin, tmp_idx = out_dir / (THUMBS_BIN + ".tmp"), out_dir / (THUMBS_IDX + ".tmp")
-    with ThreadPoolExecutor(threads, thread_name_prefix="sp2ot-thumb") as pool, open(tmp_bin, "wb") as out:
-        pos = 0
-        for start in range(0, len(filenames), _CHUNK):
-            if should_stop is not None and should_stop():
-                raise Stopped()
-            chunk = filenames[start:start + _CHUNK]
-            for i, data in enumerate(pool.map(thumbnail_bytes, [root / f for f in chunk]), start):
-                out.write(data)
-                pos += len(data)
-                offsets[i + 1] = pos
-                made += bool(data)
-            if progress is not None:
-                progress("thumbnails", 100.0 * min(start + _CHUNK, len(filenames)) / max(1, len(filenames)))
-    offsets.tofile(tmp_idx)
-    os.replace(tmp_bin, out_dir / THUMBS_BIN)  # the index last: a reader never sees half a pair
-    os.replace(tmp_idx, out_dir / THUMBS_IDX)
-    return made
+class Thumbnails:
+    """Collects a thumbnail of every image the engine decodes: pass it as ``on_decoded`` (it
+    is called as ``thumbs(name, image)`` from several threads, in any order). Thumbnails are
+    spooled to an anonymous temporary file in the job's folder as they come (gone with the
+    process, however it ends; two attempts of a job never share one); :meth:`write` then makes
+    ``thumbs.bin`` / ``thumbs.idx`` in the job's image order."""
+
+    #: Read by the engine: JPEGs are decoded at a reduced scale, but no smaller than this.
+    decode_min_side = THUMB_SIZE
+
+    def __init__(self, out_dir: Path, size: int = THUMB_SIZE):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.size = size
+        self._spool = tempfile.TemporaryFile(dir=out_dir, prefix=THUMBS_BIN + ".")
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (offset, length) in the spool
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, image) -> None:
+        data = thumbnail_of(image, self.size)
+        with self._lock:
+            self._spool.write(data)
+            self._where[name] = (self._end, len(data))
+            self._end += len(data)
+
+    def __len__(self) -> int:
+        return sum(1 for _, n in self._where.values() if n)
+
+    def write(self, names: Sequence[str], *, progress: Progress | None = None,
+              should_stop: ShouldStop | None = None) -> int:
+        """Write ``thumbs.bin`` and ``thumbs.idx`` for ``names``, in that order (a name without a
+        thumbnail gets an empty entry). Returns how many images got a thumbnail."""
+        with self._lock:
+            self._spool.flush()
+        offsets = np.zeros(len(names) + 1, dtype="<u8")
+        made = pos = 0
+        unique = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # another attempt may write at the same time
+        tmp_bin, tmp_idx = self.out_dir / (THUMBS_BIN + unique), self.out_dir / (THUMBS_IDX + unique)
+        fd = self._spool.fileno()
+        try:
+            with open(tmp_bin, "wb") as out:
+                for start in range(0, len(names), _CHUNK):
+                    if should_stop is not None and should_stop():
+                        raise Stopped()
+                    for i in range(start, min(start + _CHUNK, len(names))):
+                        at, n = self._where.get(names[i], (0, 0))
+                        if n:
+                            out.write(os.pread(fd, n, at))
+                            pos += n
+                            made += 1
+                        offsets[i + 1] = pos
+                    if progress is not None:
+                        progress("thumbnails", 100.0 * min(start + _CHUNK, len(names)) / max(1, len(names)))
+            offsets.tofile(tmp_idx)
+            os.replace(tmp_bin, self.out_dir / THUMBS_BIN)  # the index last: a reader never sees half a pair
+            os.replace(tmp_idx, self.out_dir / THUMBS_IDX)
+        finally:
+            tmp_bin.unlink(missing_ok=True)
+            tmp_idx.unlink(missing_ok=True)
+        return made
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __enter__(self) -> "Thumbnails":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_thumbnail(job_dir: Path, idx: int) -> bytes | None:

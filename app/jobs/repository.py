@@ -155,12 +155,6 @@ def active_job_ids(session: Session, dataset_id: str | None = None) -> list[str]
     return list(session.scalars(select(Job.id).where(*conds).order_by(Job.created_at, Job.id)))
 
 
-def labels_query(job_id: str):
-    """``(filename, cluster, confidence)`` of every image of the job, in image order."""
-    return (select(Assignment.filename, Assignment.cluster, Assignment.confidence)
-            .where(Assignment.job_id == job_id).order_by(Assignment.idx))
-
-
 # ------------------------------------------------------------------- create, cancel, delete
 def create_job(session: Session, owner: Owner, **fields: Any) -> tuple[JobRecord, bool]:
     """Insert a queued job of ``owner`` and commit. When its ``idempotency_key`` was used at the

@@ -15,9 +15,12 @@ Guarantees (the state changes themselves are :mod:`app.jobs.repository`'s):
   the engine's ``should_stop`` callback, i.e. between training steps;
 * a heartbeat thread refreshes ``heartbeat_at`` every ``heartbeat_interval`` seconds; when
   it stops (the worker died), the API's reaper ends or re-queues the job;
-* **the upload is not scanned again**: the estimator reads the images through the manifest the
-  API wrote next to the stored upload (and decodes each once, skipping damaged pixel data);
-  its ``skipped_`` starts from the manifest's, so it is the job's whole list.
+* **the upload is not scanned again**: the images are read through the manifest the API wrote
+  next to the stored upload and each is decoded once to verify it (damaged pixel data is
+  skipped); the estimator gets that collection, so its ``skipped_`` starts from the manifest's
+  and is the job's whole list. The thumbnails are made from those decoded images
+  (:class:`app.jobs.artifacts.Thumbnails` as the engine's ``on_decoded`` hook), not by
+  decoding the originals again; a cancel is seen during that pass too.
 """
 from __future__ import annotations
 
@@ -34,8 +37,7 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.jobs import artifacts, repository
 from app.models import JobStatus
-from app.storage import Storage
-from sp2ot_engine.io.archive import manifest_path
+from app.storage import Storage, open_stored
 from sp2ot_engine.io.labels_csv import read_truth
 from sp2ot_engine.options import PROGRESS_FIELDS, PROGRESS_TYPES, ProgressField, Stage
 
@@ -212,12 +214,19 @@ def _evaluation(storage: Storage, job_id: str, filenames: list[str], labels) -> 
     return info
 
 
-def engine_input(storage: Storage, job: repository.JobRecord) -> str:
-    """What the estimator reads: the manifest next to the stored upload (no scan), or, for a
-    job stored before uploads had manifests, its folder of extracted images."""
-    stored = storage.abs(job.input_path)
-    manifest = manifest_path(stored)
-    return str(manifest if manifest.is_file() else stored)
+def open_images(storage: Storage, run: JobRun, job: repository.JobRecord, thumbs: artifacts.Thumbnails):
+    """The job's images through the stored upload's manifest, each decoded once to verify it
+    (the estimator's ``loading`` stage), ``thumbs`` seeing every decoded image. Raises
+    Cancelled when the job is cancelled meanwhile."""
+    from sp2ot_engine import Cancelled
+
+    def loading(done: int, total: int) -> None:
+        if run.should_stop():
+            raise Cancelled("stopped while reading the images")
+        run.progress({"stage": Stage.LOADING, "percent": 100.0 * done / max(total, 1)})
+
+    run.progress({"stage": Stage.LOADING, "percent": 0.0})
+    return open_stored(storage.abs(job.input_path), verify=True, progress=loading, on_decoded=thumbs)
 
 
 def execute_job(
@@ -242,7 +251,7 @@ def execute_job(
     run = JobRun(db, settings, job_id, claimed.attempt)
     run.start_heartbeat()
     log.info("job %s: attempt %d started on %s", job_id, claimed.attempt, worker_name)
-    est = None
+    est = images = thumbs = None
     try:
         from sp2ot_engine import Cancelled
 
@@ -264,8 +273,10 @@ def execute_job(
             if settings.batch_size:
                 kwargs["batch_size"] = settings.batch_size
             est = cls(**kwargs)
-            est.fit(engine_input(storage, job), progress=run.progress, should_stop=run.should_stop)
-            made = _make_artifacts(storage, run, est, job)
+            thumbs = artifacts.Thumbnails(storage.job_dir(job_id))
+            images = open_images(storage, run, job, thumbs)
+            est.fit(images, progress=run.progress, should_stop=run.should_stop)
+            made = _make_artifacts(storage, run, est, job, thumbs)
         except Cancelled:
             reason = run.stop_reason or "cancel"
             if reason == "cancel":
@@ -304,6 +315,9 @@ def execute_job(
         return "failed"
     finally:
         run.stop_heartbeat()
+        for opened in (thumbs, images):
+            if opened is not None:
+                opened.close()
         del est
         gc.collect()
         _free_device_memory()
@@ -320,9 +334,11 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _make_artifacts(storage: Storage, run: JobRun, est, job: repository.JobRecord) -> dict[str, Any]:
-    """Thumbnails and the 2-D map for the pages (``app.jobs.artifacts``). Neither fails the job:
-    the pages show placeholders when they are missing. Raises Cancelled when asked to stop."""
+def _make_artifacts(storage: Storage, run: JobRun, est, job: repository.JobRecord,
+                    thumbs: artifacts.Thumbnails) -> dict[str, Any]:
+    """The thumbnails (made while the images were read, written here in the estimator's image
+    order) and the 2-D map for the pages (``app.jobs.artifacts``). Neither fails the job: the
+    pages show placeholders when they are missing. Raises Cancelled when asked to stop."""
     from sp2ot_engine import Cancelled
 
     job_dir = storage.job_dir(run.job_id)
@@ -333,8 +349,7 @@ def _make_artifacts(storage: Storage, run: JobRun, est, job: repository.JobRecor
         run.progress({"stage": stage, "percent": percent})
 
     try:
-        made["thumbnails"] = artifacts.make_thumbnails(storage.abs(job.input_path), filenames, job_dir,
-                                                       progress=report, should_stop=run.should_stop)
+        made["thumbnails"] = thumbs.write(filenames, progress=report, should_stop=run.should_stop)
     except artifacts.Stopped:
         raise Cancelled("stopped while making thumbnails") from None
     except Exception:

@@ -8,10 +8,10 @@ are shown as the thumbnails the worker made (``app.jobs.artifacts``), never by d
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import mimetypes
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +52,10 @@ DATASETS_PER_PAGE = 10
 TOP_PER_CARD = 8
 LEAST_PER_CARD = 5
 THUMB_CACHE = "private, max-age=31536000, immutable"  # a job's thumbnails never change
+# The original's media type, from its type by magic bytes (the manifest's), not its name.
+ORIGINAL_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp",
+                  "tiff": "image/tiff", "webp": "image/webp", "avif": "image/avif", "heif": "image/heif",
+                  "ico": "image/x-icon"}
 PLACEHOLDER = (b'<svg xmlns="http://www.w3.org/2000/svg" width="128" height="128"><rect width="128" height="128" '
                b'fill="#e5e7eb"/><text x="64" y="70" font-size="14" text-anchor="middle" fill="#6b7280">'
                b'no preview</text></svg>')
@@ -379,18 +383,20 @@ def thumbnail(request: Request, job_id: str, idx: int, owner: OwnerDep, session:
 
 @router.get("/ui/jobs/{job_id}/original/{idx}")
 def original(job_id: str, idx: int, owner: OwnerDep, session: ReadSessionDep, storage: StorageDep):
-    """The original file as uploaded (sent as it is: the server does not decode it)."""
-    from fastapi.responses import FileResponse
-
+    """The original file as uploaded, read from the stored upload through its manifest (sent
+    as it is: the server does not decode it)."""
     job = repository.get_job(session, owner, job_id)
     im = results.image(session, job.id, idx) if job is not None else None
     if im is None:
         raise NotFound(f"No image {idx} of job {job_id!r} for this API key.")
-    root = storage.abs(job.input_path)
-    path = (root / im.filename).resolve()
-    if not str(path).startswith(str(root) + os.sep) or not path.is_file():
-        raise NotFound(f"The original of {im.filename} is no longer stored (its dataset was deleted).")
-    media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600",
-                                                        "X-Content-Type-Options": "nosniff"})
-
+    try:
+        with storage.open_uploads.use(storage.abs(job.input_path)) as images:
+            i = bisect.bisect_left(images.names, im.filename)  # the names are sorted
+            if images.names[i:i + 1] != [im.filename]:
+                raise ValueError(f"{im.filename} is not in the upload")
+            data, kind = images.read_bytes(i), images.members[i].type
+    except (OSError, ValueError):  # the upload is gone (its dataset was deleted) or changed
+        raise NotFound(f"The original of {im.filename} is no longer stored (its dataset was deleted).") from None
+    media = ORIGINAL_TYPES.get(kind) or mimetypes.guess_type(im.filename)[0] or "application/octet-stream"
+    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600",
+                                                     "X-Content-Type-Options": "nosniff"})

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from app.core.config import Settings
 from app.errors import ApiError, UploadRejected, human_bytes
+from app.storage import stored_manifest
 from sp2ot_engine.io.archive import ArchiveRejected, Limits, Manifest, Rejection, inspect_archive, manifest_path
 from sp2ot_engine.io.labels_csv import CsvFormatError, match_truth, read_truth
 
@@ -145,12 +146,8 @@ def store_upload(checked: CheckedUpload, folder: Path) -> Path:
 
 
 def image_names(stored: Path) -> list[str]:
-    """The image names of a stored upload: from its manifest; for a folder of images stored
-    before uploads had manifests, by the archive rules (headers only)."""
-    manifest = manifest_path(stored)
-    if manifest.is_file():
-        return Manifest.read(manifest).names
-    return inspect_archive(stored).names
+    """The image names of a stored upload (see :func:`app.storage.stored_manifest`)."""
+    return stored_manifest(stored).names
 
 
 def read_upload_truth(path: Path, filename: str | None, names: list[str]) -> list[tuple[str, str]]:

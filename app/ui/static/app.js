@@ -157,9 +157,10 @@
   }
 
   // --------------------------------------------------------------------- job page: live view
-  // Share of the whole run each stage takes (rough, for the estimate of the time left).
-  const STAGES = [["loading", 0.02], ["features", 0.35], ["graph", 0.05], ["training", 0.45],
-                  ["predicting", 0.03], ["done", 0.0], ["thumbnails", 0.07], ["map", 0.03]];
+  // Share of the whole run each stage takes (rough, for the estimate of the time left). Loading
+  // decodes every image once (and makes the thumbnails from it); "thumbnails" only writes them.
+  const STAGES = [["loading", 0.12], ["features", 0.30], ["graph", 0.05], ["training", 0.44],
+                  ["predicting", 0.03], ["done", 0.0], ["thumbnails", 0.01], ["map", 0.05]];
 
   function overall(stage, percent) {
     let before = 0;
