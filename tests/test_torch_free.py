@@ -97,7 +97,7 @@ API_SCRIPT = textwrap.dedent("""
         assert c.get(f"/jobs/{job}").json()["status"] == "queued"
         assert c.get(f"/jobs/{job}/labels.csv").status_code == 409
         assert c.get("/health").status_code == 200 and c.get("/openapi.json").status_code == 200
-        assert c.get("/").status_code == 200
+        assert c.get("/").status_code == 200 and 'name="init"' in c.get("/").text
 
         # The pages and exports of a succeeded job read the originals through the stored upload's
         # manifest, without torch (the job is marked succeeded here: no worker runs in this test).

@@ -151,7 +151,8 @@ def _clusters(session, job: JobRecord, info: results.CurationInfo | None = None)
 def _engine_choices() -> dict[str, tuple[str, ...]]:
     from sp2ot_engine import options
 
-    return {"mode": options.MODES, "backbone": options.BACKBONES, "formulation": options.FORMULATIONS}
+    return {"mode": options.MODES, "backbone": options.BACKBONES, "formulation": options.FORMULATIONS,
+            "init": options.INITS}
 
 
 # ----------------------------------------------------------------------------- home, login
@@ -166,7 +167,8 @@ def home(request: Request, owner: PageOwner, session: ReadSessionDep, page: Anno
                   jobs_pages=_pages(total, JOBS_PER_PAGE, page), datasets_pages=_pages(dtotal, DATASETS_PER_PAGE, dpage),
                   choices=_engine_choices(), defaults={"mode": settings.default_mode,
                                                        "backbone": settings.default_backbone,
-                                                       "formulation": settings.default_formulation},
+                                                       "formulation": settings.default_formulation,
+                                                       "init": settings.default_init},
                   max_epochs=settings.max_epochs)
 
 
