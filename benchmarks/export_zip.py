@@ -1,8 +1,10 @@
 """Memory of the API process while it streams the zip export of a large job.
 
-Writes ``--size-mb`` of incompressible "images" (``--files`` random blobs named .jpg) into a
-job folder under a temporary data dir, inserts a succeeded job of them (10 clusters) into its
-database, starts ``sp2ot serve`` on 127.0.0.1 (embedded mode), downloads
+Stores ``--size-mb`` of incompressible images (``--files`` JPEGs: a small valid JPEG padded
+with random bytes after its end, so they pass the archive rules without costing an encoder) as
+a job's upload, the way the API stores one (``upload.zip`` and its manifest, under a temporary
+data dir), inserts a succeeded job of them (10 clusters) into its database, starts ``sp2ot
+serve`` on 127.0.0.1 (embedded mode), downloads
 ``GET /jobs/{id}/export?format=zip`` (throwing the bytes away) and samples the server's RSS every
 20 ms. Prints the baseline (after a warm-up export of a small job), the peak and the growth.
 Target: < 100 MB for a 1 GB job. Nothing is kept: the data is deleted afterwards.
@@ -13,10 +15,12 @@ Target: < 100 MB for a 1 GB job. Nothing is kept: the data is deleted afterwards
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,24 +38,30 @@ def insert_job(env: dict[str, str], files: int, size: int) -> str:
     from app.jobs import repository
     from app.models import Job, new_id, utcnow
     from app.storage import Storage
+    from PIL import Image
+    from sp2ot_engine.io.archive import inspect_archive, manifest_path
 
     settings = settings_from(env)
     db = Database(settings)
     storage = Storage(settings)
     job_id = new_id()
-    images = storage.job_dir(job_id) / "images"
-    images.mkdir(parents=True)
-    names = []
+    storage.job_dir(job_id).mkdir(parents=True)
+    upload = storage.job_dir(job_id) / "upload.zip"
+    head = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(head, "JPEG")
     block = os.urandom(size)
-    for i in range(files):
-        name = f"photo_{i:05d}.jpg"
-        with open(images / name, "wb") as f:
-            f.write(block[i % 97:] + block[:i % 97])  # distinct files, no time spent on randomness
-        names.append(name)
+    names = []
+    with zipfile.ZipFile(upload, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(files):
+            name = f"photo_{i:05d}.jpg"
+            data = head.getvalue() + block[i % 97:] + block[:i % 97]  # distinct files, no time on randomness
+            zf.writestr(name, data[:size])
+            names.append(name)
+    inspect_archive(upload).write(manifest_path(upload))  # as the API writes it when it checks an upload
     with db.session() as s:
         owner = crud.local_owner(s)
         now = utcnow()
-        s.add(Job(id=job_id, owner_id=owner.id, input_path=storage.rel(images), owns_input=True, input_name="big",
+        s.add(Job(id=job_id, owner_id=owner.id, input_path=storage.rel(upload), owns_input=True, input_name="big",
                   n_images=files, n_clusters=10, backbone="efficientnet_lite0", mode="fast", formulation="sp2ot",
                   seed=0, has_truth=False, input_skipped=[], status="succeeded", attempts=1, progress={},
                   created_at=now, finished_at=now, summary={"n_images": files, "n_clusters": 10}))
