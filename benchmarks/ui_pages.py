@@ -42,12 +42,12 @@ def insert_job(env: dict[str, str], n: int, k: int, seed: int = 0) -> tuple[str,
     job_id = new_id()
     storage = Storage(settings)
     job_dir = storage.job_dir(job_id)
-    (job_dir / "images").mkdir(parents=True)
+    job_dir.mkdir(parents=True)  # the pages read only the database and the thumbnails: no upload is stored
     sizes = np.bincount(labels, minlength=k).tolist()
     with db.session() as s:
         owner = crud.local_owner(s)
         now = utcnow()
-        s.add(Job(id=job_id, owner_id=owner.id, input_path=storage.rel(job_dir / "images"), owns_input=True,
+        s.add(Job(id=job_id, owner_id=owner.id, input_path=storage.rel(job_dir / "upload.zip"), owns_input=True,
                   input_name="synthetic-50k", n_images=n, n_clusters=k, backbone="efficientnet_lite0", mode="fast",
                   epochs=30, formulation="sp2ot", seed=0, has_truth=False, input_skipped=[], status="succeeded",
                   attempts=1, progress={"stage": "done", "percent": 100.0}, created_at=now, started_at=now,
