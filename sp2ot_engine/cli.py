@@ -4,7 +4,7 @@
 
     sp2ot-engine cluster PATH -k K -o labels.csv [--backbone NAME] [--checkpoint FILE]
                  [--mode fast|full] [--epochs N] [--formulation sp2ot|p2ot|pot|uot|ot]
-                 [--init auto|random|kmeans]
+                 [--init auto|density|spectral|kmeans|random]
                  [--batch-size N] [--input-size N] [--device auto|cpu|cuda] [--seed N]
                  [--workers N] [--save-model FILE] [--truth truth.csv] [--quiet]
     sp2ot-engine evaluate labels.csv truth.csv [--json]
@@ -143,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--formulation", choices=FORMULATIONS, default=Formulation.SP2OT.value,
                    help="transport formulation (default sp2ot)")
     c.add_argument("--init", choices=INITS, default=Init.AUTO.value,
-                   help="cluster-head prototypes at the start of training:\n"
-                        "auto: random with >= 200 training steps, kmeans below (default)\n"
-                        "random: random prototypes, as in the paper\n"
-                        "kmeans: spherical k-means centroids of the features")
+                   help="where the cluster head starts (training keeps the partition it starts from):\n"
+                        "auto: density and spectral, each trained; the higher silhouette wins (default)\n"
+                        "density: means of the density modes (ToMATo) of the kNN graph\n"
+                        "spectral: means of the spectral clusters of the kNN graph\n"
+                        "kmeans: spherical k-means centroids of the features\n"
+                        "random: random prototypes, as in the paper")
     c.add_argument("--batch-size", type=_positive_int, default=512, help="training batch size (default 512)")
     c.add_argument("--input-size", type=_positive_int, default=None,
                    help="backbone input resolution (default: the backbone's own, 224)")

@@ -25,6 +25,7 @@ from sp2ot_engine.errors import Cancelled
 from sp2ot_engine.io.archive import Manifest, upload_of_manifest
 from sp2ot_engine.io.collection import ImageCollection
 from sp2ot_engine.options import FORMULATIONS, INITS, KERNELS, MODES, PROGRESS_FIELDS, RHO_SCHEDULES
+from sp2ot_engine.starts import mean_silhouette
 from sp2ot_engine.training import (
     CosineHead,
     TrainConfig,
@@ -35,7 +36,8 @@ from sp2ot_engine.training import (
 )
 
 DEFAULT_EPOCHS = {"fast": 30, "full": 50}
-AUTO_INIT_STEPS = 200
+#: The starts ``init="auto"`` refines and chooses between (by silhouette).
+AUTO_STARTS = ("density", "spectral")
 
 ProgressFn = Callable[[dict], None]
 
@@ -100,12 +102,15 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         eps, lam, lam_s: entropic regularisation, column-KL weight, semantic strength ``lam_0``.
         knn, sigma, kernel: kNN graph of the initial features (SP2OT).
         input_size: backbone input resolution (default: the backbone's own).
-        init: cluster-head prototypes: ``"random"`` (the paper's), ``"kmeans"`` (spherical
-            k-means of the features) or ``"auto"`` (default): random when training has at
-            least ``AUTO_INIT_STEPS`` steps, k-means below that, where a random head gets too
-            few steps to form clusters (measured: ``tests/test_clustering.py`` blobs, ACC 0.49
-            random vs > 0.9 k-means at 45 steps; Fashion-MNIST-LT, 290 steps, random is better,
-            ``benchmarks/README.md``).
+        init: where the head's prototypes start (:mod:`sp2ot_engine.starts`): ``"density"``
+            (the means of the ToMATo modes of the cosine kNN graph), ``"spectral"`` (the means
+            of its spectral clusters), ``"auto"`` (default: both are trained and the result
+            with the higher mean silhouette is kept; in full mode the start with the higher
+            silhouette is trained alone), ``"kmeans"`` (spherical k-means centroids) or
+            ``"random"`` (the paper's). Training keeps the partition it starts from, and k-means
+            splits large classes and merges small ones: ``benchmarks/README.md`` has the study.
+            A graph start that cannot be made (fewer density modes than ``K``) falls back to the
+            other, then to k-means; ``start_notes_`` says so.
         background: colour transparent pixels are flattened onto.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         num_workers: image-decoding worker processes.
@@ -119,7 +124,9 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         skipped_ (``(name, reason)`` of unreadable files), history_ (per-epoch loss and rho),
         best_epoch_, n_features_in_ (features per sample: the backbone's for images),
         fitted_on_ (``"images"`` or ``"features"``), fit_seconds_, features_ (``N x d`` float32: the
-        features the labels were predicted from, e.g. for a 2-D map of the images).
+        features the labels were predicted from, e.g. for a 2-D map of the images), start_ (the
+        start the kept result was trained from), start_scores_ (mean cosine silhouette of each
+        trained start's labels, with ``init="auto"``), start_notes_ (why a start was not used).
     """
 
     _parameter_constraints: dict = {
@@ -234,27 +241,36 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                              f"ask for at most {n} clusters")
         cfg = self._config(n, seed)
 
-        graph = None
-        if self.formulation == "sp2ot":
-            report({"stage": "graph", "percent": 0.0})
-            from sp2ot_engine.graph import knn_graph
-
-            graph = knn_graph(features, k=min(self.knn, n - 1), kernel=self.kernel, sigma=self.sigma,
-                              device=device if device.type == "cuda" else "cpu")
-        head = CosineHead(features.shape[1], cfg.n_clusters, generator=torch.Generator().manual_seed(seed))
-        if self.init == "kmeans" or (self.init == "auto" and cfg.epochs * (n // cfg.batch_size) < AUTO_INIT_STEPS):
-            report({"stage": "graph", "percent": 50.0})
-            head.weight.data.copy_(spherical_kmeans(features, cfg.n_clusters, seed))
-        head = head.to(device)
+        plan = list(AUTO_STARTS) if self.init == "auto" else [str(self.init)]
+        self.start_notes_ = []
+        start_graph, graph = self._graphs(features, plan, report, device)
+        starts = self._start_prototypes(features, plan, start_graph, seed, report)
+        if self.mode == "full" and len(starts) > 1:  # one full-mode training: the start with the best raw silhouette
+            best = max(starts, key=lambda s: s[2])
+            self.start_notes_.append(f"full mode trains one start: {best[0]} (silhouette {best[2]:.3f})")
+            starts = [best]
+        encoder = None
         if self.mode == "fast" or backbone is None:
             batches, steps = feature_batches(features, cfg.batch_size, seed)
-            encoder = None
         else:
             batches, steps, encoder = self._image_batches(collection, backbone, cfg, device)
-        with _seeded_global_rng(seed, device) if encoder is not None else contextlib.nullcontext():
-            result = train_head(cfg, encoder, head, batches, steps, graph, device,
-                                progress=report, should_stop=should_stop)
-        head.load_state_dict(result.head_state)
+        trained = []
+        for i, (name, prototypes, _) in enumerate(starts):
+            head = CosineHead(features.shape[1], cfg.n_clusters, generator=torch.Generator().manual_seed(seed))
+            if prototypes is not None:
+                head.weight.data.copy_(prototypes)
+            head = head.to(device)
+            with _seeded_global_rng(seed, device) if encoder is not None else contextlib.nullcontext():
+                result = train_head(cfg, encoder, head, batches, steps, graph, device,
+                                    progress=_share_of_training(report, i, len(starts)), should_stop=should_stop)
+            head.load_state_dict(result.head_state)
+            score = None
+            if len(starts) > 1:
+                labels = predict_logits(head, features, device).argmax(dim=1).numpy()
+                score = mean_silhouette(features.numpy(), labels, random_state=seed)
+            trained.append((score if score is not None else 0.0, i, name, head, result))
+        _, _, self.start_, head, result = max(trained, key=lambda t: (t[0], -t[1]))
+        self.start_scores_ = {t[2]: t[0] for t in trained} if len(trained) > 1 else {}
         if encoder is not None and result.encoder_state is not None:
             encoder.load_state_dict(result.encoder_state)
             features = self._extract(encoder, collection, device, report, should_stop, stage="predicting")
@@ -392,6 +408,62 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                              + (f" (skipped: {reasons})" if reasons else ""))
         return collection, owned
 
+    def _graphs(self, features: torch.Tensor, plan: list[str], report: "_Reporter", device: torch.device):
+        """The cosine kNN graph the graph starts need, and the graph of SP2OT's semantic term
+        (the same one when ``kernel="cosine"``); ``None`` where not needed."""
+        from sp2ot_engine.graph import knn_graph
+
+        n = features.shape[0]
+        k = min(self.knn, n - 1)
+        where = device if device.type == "cuda" else "cpu"
+        start_graph = graph = None
+        wants_cosine = any(s in ("density", "spectral") for s in plan) or (
+            self.formulation == "sp2ot" and self.kernel == "cosine")
+        if wants_cosine and bool((torch.linalg.vector_norm(features, dim=1) == 0).any()):
+            # a cosine graph has no edge for an all-zero feature: use k-means, and the Gaussian kernel
+            self.start_notes_.append("some features are all zero: no cosine kNN graph, so no graph start")
+            wants_cosine = False
+            if any(s in ("density", "spectral") for s in plan):
+                plan[:] = ["kmeans"]
+        if wants_cosine:
+            report({"stage": "graph", "percent": 0.0})
+            start_graph = knn_graph(features, k=k, kernel="cosine", device=where)
+        if self.formulation == "sp2ot":
+            report({"stage": "graph", "percent": 50.0})
+            kernel = self.kernel if start_graph is not None or self.kernel != "cosine" else "gaussian"
+            graph = start_graph if kernel == "cosine" else knn_graph(features, k=k, kernel=kernel, sigma=self.sigma,
+                                                                     device=where)
+        return start_graph, graph
+
+    def _start_prototypes(self, features: torch.Tensor, plan: list[str], graph, seed: int,
+                          report: "_Reporter") -> list[tuple[str, torch.Tensor | None, float]]:
+        """``(start, K x d prototypes or None for random, silhouette of the start's own
+        partition or 0)`` for each start of ``plan`` that can be made; k-means when none can."""
+        from sp2ot_engine.starts import FewModes, density_modes, mean_silhouette, partition_means, spectral_partition
+
+        k = int(self.n_clusters)
+        out = []
+        for i, name in enumerate(plan):
+            report({"stage": "starts", "percent": 100.0 * i / len(plan)})
+            if name == "random":
+                out.append((name, None, 0.0))
+                continue
+            if name == "kmeans":
+                out.append((name, spherical_kmeans(features, k, seed), 0.0))
+                continue
+            x = features.numpy()
+            try:
+                labels = density_modes(graph, k) if name == "density" else spectral_partition(graph, k, seed)
+            except FewModes as e:
+                self.start_notes_.append(f"{name} start not used: {e}")
+                continue
+            score = mean_silhouette(x, labels, random_state=seed) if len(plan) > 1 else 0.0
+            out.append((name, torch.from_numpy(partition_means(x, labels, k)), score))
+        if not out:
+            self.start_notes_.append("started from spherical k-means instead")
+            out.append(("kmeans", spherical_kmeans(features, k, seed), 0.0))
+        return out
+
     def _make_backbone(self, device: torch.device):
         from sp2ot_engine.backbones import create_backbone
 
@@ -446,6 +518,15 @@ class _TwoViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.inner[i]
+
+
+def _share_of_training(report: "_Reporter", i: int, m: int) -> ProgressFn:
+    """The training progress of the ``i``-th of ``m`` trainings as its share of the whole stage."""
+    def share(info: dict) -> None:
+        if info.get("stage") == "training" and info.get("percent") is not None:
+            info = {**info, "percent": (100.0 * i + info["percent"]) / m}
+        report(info)
+    return share
 
 
 class _Reporter:

@@ -64,12 +64,16 @@ class Formulation(StrEnum):
 
 
 class Init(StrEnum):
-    """Cluster-head prototypes at the start of training: random (the paper's), spherical
-    k-means of the features, or ``auto`` (random with enough training steps, k-means below)."""
+    """Where the cluster head's prototypes start (:mod:`sp2ot_engine.starts`): ``density``
+    (ToMATo modes of the kNN graph), ``spectral`` (spectral clustering of the graph), ``auto``
+    (both, each refined by training; the one with the higher silhouette is kept), ``kmeans``
+    (spherical k-means) or ``random`` (the paper's)."""
 
     AUTO = "auto"
-    RANDOM = "random"
+    DENSITY = "density"
+    SPECTRAL = "spectral"
     KMEANS = "kmeans"
+    RANDOM = "random"
 
 
 class Kernel(StrEnum):
@@ -114,6 +118,7 @@ class Stage(StrEnum):
     LOADING = "loading"
     FEATURES = "features"
     GRAPH = "graph"
+    STARTS = "starts"
     TRAINING = "training"
     PREDICTING = "predicting"
     DONE = "done"

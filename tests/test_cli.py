@@ -170,16 +170,15 @@ def test_cluster_init_reaches_the_estimator(tmp_path, capsys, monkeypatch, init)
 
 
 def test_cluster_init_help_and_bad_value(capsys):
-    from sp2ot_engine.clustering import AUTO_INIT_STEPS
-
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["cluster", "--help"])
     out = capsys.readouterr().out
-    for line in ("auto: random with >= {} training steps".format(AUTO_INIT_STEPS), "random: random prototypes",
+    for line in ("auto: density and spectral, each trained", "density: means of the density modes",
+                 "spectral: means of the spectral clusters", "random: random prototypes",
                  "kmeans: spherical k-means"):
         assert line in " ".join(out.split()), line
-    err = _run_error(["cluster", "x", "-k", "3", "-o", "l.csv", "--init", "spectral"], capsys)
-    assert "argument --init: invalid choice: 'spectral'" in err
+    err = _run_error(["cluster", "x", "-k", "3", "-o", "l.csv", "--init", "leiden"], capsys)
+    assert "argument --init: invalid choice: 'leiden'" in err
 
 
 def test_failed_run_keeps_the_previous_csv(tmp_path, capsys, monkeypatch):

@@ -11,13 +11,13 @@ def test_enums_are_their_strings():
     assert options.MODES == ("fast", "full")
     assert options.FORMULATIONS == ("sp2ot", "p2ot", "pot", "uot", "ot")
     assert options.TRANSPORT_FORMULATIONS == ("p2ot", "pot", "uot", "ot")
-    assert options.INITS == ("auto", "random", "kmeans")
+    assert options.INITS == ("auto", "density", "spectral", "kmeans", "random")
     assert options.KERNELS == ("gaussian", "cosine")
     assert options.RHO_SCHEDULES == ("sigmoid", "linear", "fixed")
     assert options.BACKBONES == ("efficientnet_lite0", "dino_vitb16", "dino_vits16")
     assert options.PROGRESS_FIELDS == ("stage", "percent", "epoch", "step", "total_steps", "loss", "rho")
     assert tuple(options.PROGRESS_TYPES) == options.PROGRESS_FIELDS  # a type for every field
-    assert options.STAGES == ("loading", "features", "graph", "training", "predicting", "done")
+    assert options.STAGES == ("loading", "features", "graph", "starts", "training", "predicting", "done")
     with pytest.raises(ValueError):
         options.Formulation("sinkhorn")
 

@@ -159,7 +159,7 @@
   // --------------------------------------------------------------------- job page: live view
   // Share of the whole run each stage takes (rough, for the estimate of the time left). Loading
   // decodes every image once (and makes the thumbnails from it); "thumbnails" only writes them.
-  const STAGES = [["loading", 0.12], ["features", 0.30], ["graph", 0.05], ["training", 0.44],
+  const STAGES = [["loading", 0.12], ["features", 0.30], ["graph", 0.03], ["starts", 0.04], ["training", 0.42],
                   ["predicting", 0.03], ["done", 0.0], ["thumbnails", 0.01], ["map", 0.05]];
 
   function overall(stage, percent) {
