@@ -71,6 +71,12 @@ class JobSummary(BaseModel):
     cluster_sizes: list[int]
     n_skipped: int
     skipped: list[SkippedFile] = Field(description="Files not clustered and why (first 1000).")
+    start: str | None = Field(None, description="Where the cluster head started (the init that was used: "
+                                                "density, spectral, kmeans or random).")
+    start_scores: dict[str, float] = Field(default_factory=dict, description=(
+        "With init=auto: the mean cosine silhouette of each trained start's clusters; the higher one is kept."))
+    start_notes: list[str] = Field(default_factory=list, description=(
+        "Why a start was not used and what was used instead (for example too few density modes in a small set)."))
 
 
 class JobOptions(BaseModel):

@@ -59,6 +59,8 @@ def test_upload_poll_download(celery_stack):
     skipped = {s["name"]: s["reason"] for s in summary["skipped"]}
     assert {"shapes/corrupt_1.png", "shapes/corrupt_2.jpg", "shapes/readme.txt"} <= set(skipped), skipped
     assert summary["n_skipped"] == len(summary["skipped"])
+    if "Fake" not in celery_stack["env"].get("SP2OT_ESTIMATOR", ""):  # the real engine says where its head started
+        assert summary["start"] in ("density", "spectral", "kmeans") and isinstance(summary["start_notes"], list)
 
     # Labels: one row per image, names exactly the archive's image names.
     r = c.get(f"/jobs/{job['id']}/labels.csv", headers=auth(key))

@@ -221,3 +221,48 @@ def test_fit_from_a_manifest_or_a_collection_and_predict_images(tmp_path):
     assert names == est.filenames_ and np.array_equal(labels, est.predict(arc))
     with pytest.raises(ValueError, match="predict_images takes images"):
         est.predict_images(np.zeros((3, 2)))
+
+
+def wide_head_mixture(seed: int, sizes=(3000, 300, 100, 40), d: int = 32, spread=(0.45, 0.12, 0.12, 0.12)):
+    """A wide head class and three compact tail classes: k-means spends centroids on the head."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.concatenate([c + s * rng.normal(size=(n, d)) for c, n, s in zip(centres, sizes, spread)])
+    return x.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
+
+
+def test_default_start_finds_the_tail_that_a_kmeans_start_keeps_merged():
+    """What the quality study found, at small scale: training keeps the partition it starts
+    from; from k-means' centroids it keeps the head class split and the tail merged, from the
+    default graph start it recovers the tail classes."""
+    x, y = wide_head_mixture(0)
+    params = dict(formulation="p2ot", epochs=5, batch_size=512, random_state=0)
+    from_kmeans = evaluate(y, SP2OTClustering(4, init="kmeans", **params).fit_predict(x))
+    default = SP2OTClustering(4, **params).fit(x)
+    found = evaluate(y, default.labels_)
+    assert from_kmeans["acc"] < 0.75, from_kmeans
+    assert found["acc"] > 0.9 and found["tail_acc"] > 0.9, found
+    assert default.start_ in ("density", "spectral") and set(default.start_scores_) == {"density", "spectral"}
+
+
+def test_default_gives_the_same_clusters_from_every_seed():
+    from sklearn.metrics import adjusted_rand_score
+
+    x, _ = wide_head_mixture(1)
+    labels = [SP2OTClustering(4, formulation="p2ot", epochs=5, random_state=s).fit_predict(x) for s in (0, 1, 2)]
+    assert adjusted_rand_score(labels[0], labels[1]) > 0.99
+    assert adjusted_rand_score(labels[0], labels[2]) > 0.99
+
+
+def test_graph_starts_fall_back_and_say_so():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([c + 0.01 * rng.normal(size=(30, 8)) for c in np.eye(8)]).astype(np.float32)
+    # 8 far-apart blobs, 3 clusters asked: the 5-NN graph has 8 unconnected pieces, no density start
+    est = SP2OTClustering(3, knn=5, formulation="p2ot", epochs=2, random_state=0).fit(x)
+    assert est.start_ == "spectral"
+    assert "density start not used" in " ".join(est.start_notes_)
+    zero = x.copy()
+    zero[0] = 0.0  # a cosine graph has no edge for an all-zero row
+    est = SP2OTClustering(8, formulation="p2ot", epochs=2, random_state=0).fit(zero)
+    assert est.start_ == "kmeans" and "all zero" in " ".join(est.start_notes_)

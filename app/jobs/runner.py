@@ -383,6 +383,9 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
         "n_skipped": len(skipped),
         "skipped": [{"name": n, "reason": r} for n, r in skipped[:MAX_SKIPPED_REPORTED]],
         "artifacts": made or {},
+        "start": getattr(est, "start_", None),
+        "start_scores": {str(k): float(v) for k, v in getattr(est, "start_scores_", {}).items()},
+        "start_notes": [str(n) for n in getattr(est, "start_notes_", [])],
     }
     history = clean_history(getattr(est, "history_", []))
     metrics = _evaluation(storage, job_id, filenames, labels) if job.has_truth else None
