@@ -267,7 +267,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             score = None
             if len(starts) > 1:
                 labels = predict_logits(head, features, device).argmax(dim=1).numpy()
-                score = mean_silhouette(features.numpy(), labels, random_state=seed)
+                # the same points for every start and every seed: a paired comparison, not sampling noise
+                score = mean_silhouette(features.numpy(), labels, random_state=0)
             trained.append((score if score is not None else 0.0, i, name, head, result))
         _, _, self.start_, head, result = max(trained, key=lambda t: (t[0], -t[1]))
         self.start_scores_ = {t[2]: t[0] for t in trained} if len(trained) > 1 else {}
@@ -439,7 +440,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                           report: "_Reporter") -> list[tuple[str, torch.Tensor | None, float]]:
         """``(start, K x d prototypes or None for random, silhouette of the start's own
         partition or 0)`` for each start of ``plan`` that can be made; k-means when none can."""
-        from sp2ot_engine.starts import FewModes, density_modes, mean_silhouette, partition_means, spectral_partition
+        from sp2ot_engine.starts import FewModes, density_modes, partition_means, spectral_partition
 
         k = int(self.n_clusters)
         out = []
@@ -457,7 +458,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             except FewModes as e:
                 self.start_notes_.append(f"{name} start not used: {e}")
                 continue
-            score = mean_silhouette(x, labels, random_state=seed) if len(plan) > 1 else 0.0
+            score = mean_silhouette(x, labels, random_state=0) if len(plan) > 1 else 0.0
             out.append((name, torch.from_numpy(partition_means(x, labels, k)), score))
         if not out:
             self.start_notes_.append("started from spherical k-means instead")

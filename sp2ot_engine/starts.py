@@ -34,8 +34,8 @@ __all__ = [
 
 #: Neighbours per row of the ToMATo graph (the densest ``k_link`` of the kNN graph's ``k``).
 DEFAULT_K_LINK = 10
-#: Silhouettes are computed on at most this many points (``O(n^2)`` distances).
-SILHOUETTE_SAMPLE = 4000
+#: Silhouettes are computed on at most this many points (``O(n^2 d)``: ~4 s for 8,000 x 1,280).
+SILHOUETTE_SAMPLE = 8000
 
 
 class FewModes(ValueError):
@@ -142,7 +142,7 @@ def partition_means(features: np.ndarray, labels: np.ndarray, n_clusters: int) -
 
 
 def mean_silhouette(features: np.ndarray, labels: np.ndarray, random_state: int = 0) -> float:
-    """Mean cosine silhouette of the labels (on a fixed random sample of at most 4,000 points)."""
+    """Mean cosine silhouette of the labels (on a random sample of at most ``SILHOUETTE_SAMPLE`` points)."""
     from sklearn.metrics import silhouette_score
 
     labels = np.asarray(labels)
