@@ -228,8 +228,8 @@ def test_missing_n_clusters_and_unknown_fields(api, nothing_left):
     assert "epochs" in detail
     detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, mode="slow"), 422)
     assert "mode: Input should be 'fast' or 'full'" in detail
-    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, init="spectral"), 422)
-    assert "init: Input should be 'auto', 'random' or 'kmeans'" in detail
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, init="tomato"), 422)
+    assert "init: Input should be 'auto', 'density', 'spectral', 'kmeans' or 'random'" in detail
 
 
 def test_missing_archive_and_wrong_content_types(api, nothing_left):
