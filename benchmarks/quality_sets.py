@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,9 @@ def main() -> None:
     import faiss
     import torch
 
+    # which code produced a row: the study reruns variants as the engine changes
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     lines = ["| set | variant | seeds | ACC (mean ± std) | NMI | F1 | Head | Medium | Tail | fit s |",
@@ -161,7 +165,7 @@ def main() -> None:
             if args.json:
                 with args.json.open("a") as f:
                     for r in rows:
-                        f.write(json.dumps({"set": set_name, "variant": name, **r}) + "\n")
+                        f.write(json.dumps({"set": set_name, "variant": name, "commit": commit, **r}) + "\n")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text("\n".join(lines) + "\n")
