@@ -106,13 +106,14 @@ async def unexpected_error(request: Request, request_id: str) -> Response:
     )
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
 def allowed_methods(app: FastAPI, scope) -> list[str]:
-    """Every method some route of ``app`` answers on the path of ``scope`` (for ``Allow``)."""
-    methods: set[str] = set()
-    for route in app.router.routes:
-        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
-            methods |= route.methods
-    return sorted(methods)
+    """Every method some route of ``app`` fully matches on the path of ``scope`` (for ``Allow``;
+    asked through the routes' own matching, which sees into included routers)."""
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
