@@ -1,11 +1,11 @@
-"""Database reads and writes of API keys and datasets, used by the API and the CLI (a job's
+"""Database reads and writes of API keys, datasets and upload usage, used by the API and the CLI (a job's
 are in ``app/jobs/repository.py``). Every dataset query of a request is scoped to its owner:
 another key's rows are invisible (404)."""
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,7 +17,7 @@ from app.core.security import (
     generate_api_key,
     hash_api_key,
 )
-from app.models import ApiKey, Dataset, utcnow
+from app.models import ApiKey, Dataset, UploadUsage, utcnow
 
 
 # ------------------------------------------------------------------------------ api keys
@@ -110,3 +110,17 @@ def lock_unused_dataset(session: Session, dataset_id: str, used_before: datetime
 def delete_dataset(session: Session, dataset: Dataset) -> None:
     """Delete the row (its files are the caller's); its finished jobs keep their results."""
     session.delete(dataset)
+
+
+def uploads_since(session: Session, owner: Owner, since: datetime) -> list[tuple[datetime, int]]:
+    """``(at, bytes)`` of the owner's uploads since ``since``, oldest first."""
+    rows = session.execute(select(UploadUsage.at, UploadUsage.bytes)
+                           .where(UploadUsage.owner_id == owner.id, UploadUsage.at > since)
+                           .order_by(UploadUsage.at))
+    return [(at, int(n)) for at, n in rows]
+
+
+def record_upload(session: Session, owner: Owner, nbytes: int, *, forget_before: datetime) -> None:
+    """Count an upload of ``nbytes`` for ``owner``; drop its rows older than ``forget_before``."""
+    session.execute(delete(UploadUsage).where(UploadUsage.owner_id == owner.id, UploadUsage.at <= forget_before))
+    session.add(UploadUsage(owner_id=owner.id, bytes=int(nbytes)))

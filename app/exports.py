@@ -56,13 +56,15 @@ def snapshot(db: Database, job: JobRecord) -> tuple[list[results.Cluster], resul
         return results.clusters(session, job.id, job.n_clusters), results.curation_info(session, job.id)
 
 
-def csv_stream(db: Database, job: JobRecord, curated: bool) -> Iterator[bytes]:
+def csv_stream(db: Database, job: JobRecord, curated: bool, spreadsheet_safe: bool = False) -> Iterator[bytes]:
     """labels.csv (:func:`sp2ot_engine.io.labels_csv.format_labels`, confidences with 4 decimals);
-    when curated, a fourth column ``cluster_name`` (readers find columns by name)."""
+    when curated, a fourth column ``cluster_name`` (readers find columns by name); with
+    ``spreadsheet_safe`` names that would run as formulas are quoted there."""
     names = {c.id: c.name for c in snapshot(db, job)[0]} if curated else None
     yield format_labels([], cluster_names=names).encode("utf-8")  # the header
     for rows in _rows(db, job.id):
-        yield format_labels(((f, c, p) for _, f, c, p in rows), header=False, cluster_names=names).encode("utf-8")
+        yield format_labels(((f, c, p) for _, f, c, p in rows), header=False, cluster_names=names,
+                            spreadsheet_safe=spreadsheet_safe).encode("utf-8")
 
 
 def json_stream(db: Database, job: JobRecord) -> Iterator[bytes]:

@@ -8,19 +8,21 @@ and starts the reaper (``app.jobs.reaper``: jobs whose worker is gone, retention
 from __future__ import annotations
 
 import logging
-import uuid
 from urllib.parse import quote
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import __version__
 from app.api.deps import _KeyCache
+from app.api.middleware import RequestContext
+from app.api.openapi import contract
 from app.api.routes import curation, datasets, exports, health, jobs
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database, run_migrations
@@ -72,11 +74,16 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"No such endpoint: {request.method} {request.url.path}. See /docs for the API."
-        elif exc.status_code == 405:
-            detail = f"Method {request.method} is not allowed on {request.url.path}. See /docs for the API."
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # The router names the methods of the first route on the path; a path has one route per method.
+            allow = ", ".join(m for m in allowed_methods(app, request.scope))
+            headers = {**(headers or {}), "Allow": allow}
+            detail = (f"Method {request.method} is not allowed on {request.url.path} (allowed: {allow}). "
+                      "See /docs for the API.")
         if pages.is_page(request):
             return pages.error_page(request, exc.status_code, detail.replace(" See /docs for the API.", ""))
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -86,17 +93,27 @@ def install_error_handlers(app: FastAPI) -> None:
                   for e in exc.errors()]
         return JSONResponse({"detail": _error_messages(exc), "errors": errors}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        ref = uuid.uuid4().hex[:12]
-        log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
-        if pages.is_page(request):
-            return pages.error_page(request, 500, f"Something went wrong on the server (reference {ref}). "
-                                                  "The error was logged; please report it.")
-        return JSONResponse(
-            {"detail": f"Internal server error (reference {ref}). The error was logged; please report it."},
-            status_code=500,
-        )
+
+async def unexpected_error(request: Request, request_id: str) -> Response:
+    """The answer to an exception no handler knew (see :mod:`app.api.middleware`)."""
+    if pages.is_page(request):
+        return pages.error_page(request, 500, f"Something went wrong on the server (request {request_id}). "
+                                              "The error was logged; please report it.")
+    return JSONResponse(
+        {"detail": f"Internal server error (request {request_id}). The error was logged; please report it "
+                   "with this request id.", "request_id": request_id},
+        status_code=500,
+    )
+
+
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: FastAPI, scope) -> list[str]:
+    """Every method some route of ``app`` fully matches on the path of ``scope`` (for ``Allow``;
+    asked through the routes' own matching, which sees into included routers)."""
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -149,6 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.key_cache = _KeyCache()
     install_error_handlers(app)
+    app.add_middleware(RequestContext, answer=unexpected_error)
+    app.openapi = lambda: contract(app)
     app.include_router(jobs.router)
     app.include_router(datasets.router)
     app.include_router(health.router)

@@ -194,3 +194,16 @@ class CurationMove(Base):
     idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     from_cluster: Mapped[int] = mapped_column(Integer)
+
+
+class UploadUsage(Base):
+    """Bytes one key sent in one upload request, accepted or not (the per-key hourly upload
+    budget, ``SP2OT_MAX_UPLOAD_BYTES_PER_HOUR``); rows older than the window are pruned."""
+
+    __tablename__ = "upload_usage"
+    __table_args__ = (Index("ix_upload_usage_owner_at", "owner_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    bytes: Mapped[int] = mapped_column(BigInteger)

@@ -12,8 +12,38 @@ from app.models import JobStatus
 from sp2ot_engine.options import PROGRESS_TYPES, Backbone, Formulation, Init, Mode
 
 
+#: Schema bounds of the integer inputs (the settings may set lower limits: SP2OT_MAX_CLUSTERS,
+#: SP2OT_MAX_EPOCHS); past them a request is a 422 rather than an overflow in the database.
+MAX_CLUSTERS = 1_000_000
+MAX_EPOCHS = 1_000_000
+MAX_SEED = 2**31 - 1
+MAX_OFFSET = 10**9
+MAX_PAGE = 500
+MAX_PAGE_NUMBER = 10**7  # of the web pages
+MAX_INDEX = 2**31 - 1  # an image or cluster number (a 32-bit column)
+
+
 class ErrorOut(BaseModel):
+    """The body of every error answer."""
+
     detail: str = Field(description="What went wrong and how to fix it.")
+
+
+class FieldError(BaseModel):
+    loc: list[str] = Field(description="Where: the part of the request and the field.")
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(ErrorOut):
+    """A request that does not match the schema (or breaks a server limit)."""
+
+    errors: list[FieldError] | None = Field(None, description="One entry per invalid field, when the schema "
+                                                              "rejected the request.")
+
+
+class ServerErrorOut(ErrorOut):
+    request_id: str = Field(description="Quote it when reporting the error: the server's log has the same id.")
 
 
 class _Out(BaseModel):
@@ -33,13 +63,15 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_clusters: int = Field(ge=2, description="Number of clusters K (2 <= K <= number of images).")
+    n_clusters: int = Field(ge=2, le=MAX_CLUSTERS, description="Number of clusters K (2 <= K <= number of "
+                                                               "images, and at most SP2OT_MAX_CLUSTERS).")
     backbone: Backbone | None = Field(None, description="Feature extractor (default efficientnet_lite0).")
     mode: Mode | None = Field(None, description="Training schedule (default fast).")
-    epochs: int | None = Field(None, ge=1, description="Training epochs (default: the mode's).")
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="Training epochs (default: the mode's; "
+                                                                       "at most SP2OT_MAX_EPOCHS).")
     formulation: Formulation | None = Field(None, description="OT formulation (default sp2ot).")
     init: Init | None = Field(None, description="How the cluster head starts (default auto).")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Random seed (the estimator's random_state).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed (the estimator's random_state).")
 
 
 class JobFromDataset(JobParams):

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,6 +372,48 @@ class WorkerProcess:
                 self.kill()
         if getattr(self, "_log", None):
             self._log.close()
+
+
+class ServeProcess:
+    """``sp2ot serve`` on a free port of 127.0.0.1 in its own process group, with an httpx client."""
+
+    def __init__(self, env, log_path, *args):
+        self.port = free_port()
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), *args],
+            cwd=str(REPO), env=subprocess_env(env), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+
+    def wait_ready(self, timeout=90):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready:\n{self.log()}")
+
+    def log(self):
+        return self.log_path.read_bytes().decode("utf-8", "replace")[-5000:]
+
+    def stop(self, sig=signal.SIGTERM):
+        self.client.close()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
 
 
 def free_port() -> int:

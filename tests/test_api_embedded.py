@@ -16,6 +16,7 @@ pytest.register_assert_rewrite("service_fixtures")
 from service_fixtures import (  # noqa: E402
     ENGINE_OPTIONS,
     REPO,
+    ServeProcess,
     api_client,
     auth,
     free_port,
@@ -33,50 +34,10 @@ from service_fixtures import (  # noqa: E402
 pytest_plugins = ["service_fixtures"]
 
 
-class Server:
-    def __init__(self, env, log_path, *args):
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), *args],
-            cwd=str(REPO), env=subprocess_env(env), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-
-    def wait_ready(self, timeout=90):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.client.get("/health").status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"server not ready:\n{self.log()}")
-
-    def log(self):
-        return self.log_path.read_bytes().decode("utf-8", "replace")[-5000:]
-
-    def stop(self, sig=signal.SIGTERM):
-        self.client.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-
 def test_sp2ot_serve_embedded(tmp_path, engine_path):
     data_dir = tmp_path / "data"
     env = service_env(data_dir=data_dir, estimator=engine_path)
-    server = Server(env, tmp_path / "serve.log").wait_ready()
+    server = ServeProcess(env, tmp_path / "serve.log").wait_ready()
     try:
         c = server.client
         health = c.get("/health").json()
@@ -98,7 +59,7 @@ def test_sp2ot_serve_embedded(tmp_path, engine_path):
         wait_for(c, None, slow, timeout=120, predicate=lambda j: j["progress"].get("stage") == "training")
     finally:
         server.stop(signal.SIGKILL)
-    server = Server(env, tmp_path / "serve2.log").wait_ready()
+    server = ServeProcess(env, tmp_path / "serve2.log").wait_ready()
     try:
         c = server.client
         job = wait_for(c, None, slow, timeout=120,

@@ -13,7 +13,6 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sp2ot_engine.io.archive import DEFAULT_MAX_IMAGE_PIXELS
 from sp2ot_engine.options import Backbone, Formulation, Init, Mode
 
 GiB = 1024**3
@@ -146,15 +145,26 @@ class Settings(BaseSettings):
         64 * MiB, ge=0, description="... once its uncompressed size exceeds this many bytes."
     )
     max_image_pixels: int = Field(
-        DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Largest image (width x height, from its header) of an upload: "
-        "a larger one is a decompression bomb and refuses the upload, naming the image. Default: Pillow's limit "
-        "(179 megapixels).",
+        64 * 10**6, ge=1, description="Largest image (width x height, from its header) of an upload: a larger one "
+        "refuses the upload (422 naming the image), and the worker never decodes one (skipped). Default 64 "
+        "megapixels: every phone photo at its usual resolution and full-frame cameras up to 61 Mpx pass; one "
+        "image decodes to at most 192 MB of RGB.",
     )
     max_upload_pixels: int = Field(
-        2 * 10**12, ge=1, description="Largest total of the images' pixels of one upload (what the worker decodes). "
-        "The default passes 50,000 photos of 40 megapixels.",
+        50_000 * 64 * 10**6, ge=1, description="Largest total of the images' pixels of one upload (what the worker "
+        "decodes). The default passes 50,000 images at the per-image limit.",
     )
     upload_chunk_bytes: int = Field(1 * MiB, ge=4096)
+
+    # --- per-key fairness (the local owner of a server without keys counts as one key) ------------
+    max_active_jobs_per_key: int = Field(
+        20, ge=0, description="Queued + running jobs one API key may have at once; one more is a 429 with "
+        "Retry-After. 0 = no limit.",
+    )
+    max_upload_bytes_per_hour: int = Field(
+        20 * GiB, ge=0, description="Bytes one API key may upload (POST /jobs and POST /datasets bodies, accepted "
+        "or not) in any hour; beyond it a 429 with Retry-After. 0 = no limit.",
+    )
 
     @field_validator("data_dir", mode="after")
     @classmethod

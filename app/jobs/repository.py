@@ -155,6 +155,12 @@ def active_job_ids(session: Session, dataset_id: str | None = None) -> list[str]
     return list(session.scalars(select(Job.id).where(*conds).order_by(Job.created_at, Job.id)))
 
 
+def count_active(session: Session, owner: Owner) -> int:
+    """How many queued and running jobs ``owner`` has (the per-key limit)."""
+    return int(session.scalar(select(func.count()).select_from(Job)
+                              .where(Job.owner_id == owner.id, Job.status.in_(JobStatus.ACTIVE))) or 0)
+
+
 # ------------------------------------------------------------------- create, cancel, delete
 def create_job(session: Session, owner: Owner, **fields: Any) -> tuple[JobRecord, bool]:
     """Insert a queued job of ``owner`` and commit. When its ``idempotency_key`` was used at the

@@ -143,14 +143,16 @@ class JobRun:
             self.stop_reason = self.stop_reason or "superseded"
 
     # --- should_stop() ----------------------------------------------------------------------
-    def should_stop(self) -> bool:
+    def should_stop(self, *, now_please: bool = False) -> bool:
+        """True when the attempt must stop (cancelled, deleted, superseded, out of time); reads
+        the database at most every ``cancel_check_interval`` unless ``now_please``."""
         if self.stop_reason:
             return True
         now = time.monotonic()
         if now > self.deadline:
             self.stop_reason = "timeout"
             return True
-        if now - self._last_check < self.settings.cancel_check_interval:
+        if now - self._last_check < self.settings.cancel_check_interval and not now_please:
             return False
         self._last_check = now
         try:
@@ -226,7 +228,8 @@ def open_images(storage: Storage, run: JobRun, job: repository.JobRecord, thumbs
         run.progress({"stage": Stage.LOADING, "percent": 100.0 * done / max(total, 1)})
 
     run.progress({"stage": Stage.LOADING, "percent": 0.0})
-    return open_stored(storage.abs(job.input_path), verify=True, progress=loading, on_decoded=thumbs)
+    return open_stored(storage.abs(job.input_path), verify=True, progress=loading, on_decoded=thumbs,
+                       max_image_pixels=run.settings.max_image_pixels)
 
 
 def execute_job(
@@ -297,6 +300,11 @@ def execute_job(
                        "smaller SP2OT_BATCH_SIZE.", stage="failed")
             return "failed"
         except Exception as e:
+            if run.should_stop(now_please=True) and run.stop_reason == "superseded":
+                # Deleted (its files with it) or taken over while running: the error is the deletion's echo.
+                log.info("job %s: attempt %d stopped, the job was deleted or superseded (%s: %s)", job_id,
+                         claimed.attempt, type(e).__name__, str(e)[:200])
+                return "superseded"
             log.exception("job %s: clustering failed", job_id)
             msg = str(e).splitlines()[0][:500] if str(e) else ""
             hint = " Try a smaller SP2OT_BATCH_SIZE or fewer images." if "out of memory" in msg.lower() else ""
@@ -306,6 +314,10 @@ def execute_job(
         run.stop_heartbeat()
         return _finalize_success(db, storage, run, est, job, made)
     except Exception as e:
+        if run.should_stop(now_please=True) and run.stop_reason == "superseded":
+            log.info("job %s: attempt %d stopped while saving, the job was deleted or superseded (%s)", job_id,
+                     claimed.attempt, type(e).__name__)
+            return "superseded"
         log.exception("job %s: could not be finalised", job_id)
         try:
             run.finish(JobStatus.FAILED, f"Internal error while saving the results ({type(e).__name__}).",
@@ -353,6 +365,8 @@ def _make_artifacts(storage: Storage, run: JobRun, est, job: repository.JobRecor
     except artifacts.Stopped:
         raise Cancelled("stopped while making thumbnails") from None
     except Exception:
+        if run.should_stop(now_please=True):  # deleted (its folder with it) or cancelled meanwhile
+            raise Cancelled("stopped while making thumbnails") from None
         log.warning("job %s: cannot make the thumbnails", run.job_id, exc_info=True)
     features = getattr(est, "features_", None)  # the engine's features, when it keeps them
     if features is not None and len(features) == len(filenames):

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
@@ -39,8 +40,12 @@ from app.errors import ApiError, NotFound
 from app.jobs import artifacts, repository
 from app.jobs.repository import JobRecord
 from app.models import JobStatus
+from app.schemas import MAX_INDEX, MAX_PAGE_NUMBER
 
 HERE = Path(__file__).resolve().parent
+# Bounded path numbers: past them a 422, never an overflow in the database.
+ImageIndex = Annotated[int, PathParam(ge=0, le=MAX_INDEX)]
+ClusterNumber = Annotated[int, PathParam(ge=0, le=MAX_INDEX)]
 STATIC_DIR = HERE / "static"
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(include_in_schema=False)
@@ -157,8 +162,8 @@ def _engine_choices() -> dict[str, tuple[str, ...]]:
 
 # ----------------------------------------------------------------------------- home, login
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, owner: PageOwner, session: ReadSessionDep, page: Annotated[int, Query(ge=1)] = 1,
-         dpage: Annotated[int, Query(ge=1)] = 1):
+def home(request: Request, owner: PageOwner, session: ReadSessionDep, page: Annotated[int, Query(ge=1, le=MAX_PAGE_NUMBER)] = 1,
+         dpage: Annotated[int, Query(ge=1, le=MAX_PAGE_NUMBER)] = 1):
     """The upload form, the recent jobs and the stored datasets."""
     jobs, total = repository.list_jobs(session, owner, JOBS_PER_PAGE, (page - 1) * JOBS_PER_PAGE)
     datasets, dtotal = crud.list_datasets(session, owner, DATASETS_PER_PAGE, (dpage - 1) * DATASETS_PER_PAGE)
@@ -224,7 +229,7 @@ def _live(job: JobRecord) -> dict[str, Any]:
 
 @router.get("/ui/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str, owner: PageOwner, session: ReadSessionDep, storage: StorageDep,
-             page: Annotated[int, Query(ge=1)] = 1):
+             page: Annotated[int, Query(ge=1, le=MAX_PAGE_NUMBER)] = 1):
     """Progress while the job runs; the result view once it succeeded; the error if it failed."""
     job = _job_or_404(session, owner, job_id)
     if job.status != JobStatus.SUCCEEDED:
@@ -267,8 +272,8 @@ def _image_list(request: Request, owner: Owner, session, job: JobRecord, images:
 
 
 @router.get("/ui/jobs/{job_id}/clusters/{cluster}", response_class=HTMLResponse)
-def cluster_page(request: Request, job_id: str, cluster: int, owner: PageOwner, session: ReadSessionDep,
-                 page: Annotated[int, Query(ge=1)] = 1, order: str = "confident"):
+def cluster_page(request: Request, job_id: str, cluster: ClusterNumber, owner: PageOwner, session: ReadSessionDep,
+                 page: Annotated[int, Query(ge=1, le=MAX_PAGE_NUMBER)] = 1, order: str = "confident"):
     """All images of a cluster, most confident first (``order=uncertain``: least first), paginated."""
     job = _job_or_404(session, owner, job_id)
     _succeeded_or_409(job)
@@ -285,7 +290,7 @@ def cluster_page(request: Request, job_id: str, cluster: int, owner: PageOwner, 
 
 @router.get("/ui/jobs/{job_id}/uncertain", response_class=HTMLResponse)
 def uncertain_page(request: Request, job_id: str, owner: PageOwner, session: ReadSessionDep,
-                   page: Annotated[int, Query(ge=1)] = 1):
+                   page: Annotated[int, Query(ge=1, le=MAX_PAGE_NUMBER)] = 1):
     """The least confident images of all clusters: where a person should look first."""
     job = _job_or_404(session, owner, job_id)
     _succeeded_or_409(job)
@@ -297,7 +302,7 @@ def uncertain_page(request: Request, job_id: str, owner: PageOwner, session: Rea
 
 @router.get("/ui/jobs/{job_id}/search", response_class=HTMLResponse)
 def search_page(request: Request, job_id: str, owner: PageOwner, session: ReadSessionDep, q: str = "",
-                page: Annotated[int, Query(ge=1)] = 1):
+                page: Annotated[int, Query(ge=1, le=MAX_PAGE_NUMBER)] = 1):
     job = _job_or_404(session, owner, job_id)
     _succeeded_or_409(job)
     q = q.strip()[:200]
@@ -310,7 +315,7 @@ def search_page(request: Request, job_id: str, owner: PageOwner, session: ReadSe
 
 
 @router.get("/ui/jobs/{job_id}/images/{idx}", response_class=HTMLResponse)
-def image_page(request: Request, job_id: str, idx: int, owner: PageOwner, session: ReadSessionDep):
+def image_page(request: Request, job_id: str, idx: ImageIndex, owner: PageOwner, session: ReadSessionDep):
     job = _job_or_404(session, owner, job_id)
     _succeeded_or_409(job)
     im = results.image(session, job.id, idx)
@@ -374,7 +379,7 @@ def _thumb_response(request: Request, data: bytes | None, etag: str) -> Response
 
 
 @router.get("/ui/jobs/{job_id}/thumbs/{idx}.jpg")
-def thumbnail(request: Request, job_id: str, idx: int, owner: OwnerDep, session: ReadSessionDep,
+def thumbnail(request: Request, job_id: str, idx: ImageIndex, owner: OwnerDep, session: ReadSessionDep,
               storage: StorageDep):
     """A small JPEG made by the worker; the same key's rules as the job (404 otherwise)."""
     job = repository.get_job(session, owner, job_id)
@@ -384,7 +389,7 @@ def thumbnail(request: Request, job_id: str, idx: int, owner: OwnerDep, session:
 
 
 @router.get("/ui/jobs/{job_id}/original/{idx}")
-def original(job_id: str, idx: int, owner: OwnerDep, session: ReadSessionDep, storage: StorageDep):
+def original(job_id: str, idx: ImageIndex, owner: OwnerDep, session: ReadSessionDep, storage: StorageDep):
     """The original file as uploaded, read from the stored upload through its manifest (sent
     as it is: the server does not decode it)."""
     job = repository.get_job(session, owner, job_id)

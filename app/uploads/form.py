@@ -41,6 +41,7 @@ class ReceivedForm:
     workdir: Path
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, ReceivedFile] = field(default_factory=dict)
+    received_bytes: int = 0  # the whole body
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -214,6 +215,7 @@ async def receive_multipart(
             raise ApiError("The server has not enough free disk space to store this upload.", 507) from e
         raise UploadRejected(f"The multipart body is malformed ({e}). Let your HTTP client build it.") from e
     _close(handles)
+    form.received_bytes = total
     return form
 
 

@@ -35,7 +35,15 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 from PIL import Image
 
-from sp2ot_engine.io.archive import Limits, Manifest, Member, Source, build_manifest, open_source
+from sp2ot_engine.io.archive import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    Limits,
+    Manifest,
+    Member,
+    Source,
+    build_manifest,
+    open_source,
+)
 from sp2ot_engine.io.decode import DEFAULT_BACKGROUND, decode_image, describe_decode_error, parse_background
 
 __all__ = ["ImageCollection", "ImageLoadError", "scan_images"]
@@ -63,8 +71,9 @@ class ImageCollection:
     """
 
     def __init__(self, source: str, manifest: Manifest, reader: Source,
-                 background: str | Sequence[int] = DEFAULT_BACKGROUND):
+                 background: str | Sequence[int] = DEFAULT_BACKGROUND, max_image_pixels: int | None = None):
         self.source = source
+        self.max_image_pixels = max_image_pixels
         self.kind = manifest.kind
         self.members = list(manifest.members)
         self.names = [m.name for m in self.members]
@@ -89,13 +98,17 @@ class ImageCollection:
                       background: str | Sequence[int] = DEFAULT_BACKGROUND,
                       cache_dir: str | os.PathLike | None = None, verify: bool = False,
                       threads: int | None = None, progress: ProgressFn | None = None,
-                      on_decoded: DecodedFn | None = None) -> "ImageCollection":
+                      on_decoded: DecodedFn | None = None,
+                      max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> "ImageCollection":
         """The images ``manifest`` lists, read from ``path`` without scanning it again.
 
         The manifest must belong to ``path`` (same kind, same size in bytes). Its headers were
         checked but nothing was decoded: with ``verify=True`` every image is decoded once here
         and those that fail are skipped, as :func:`scan_images` does (``on_decoded`` as there);
         otherwise damaged pixel data surfaces as :class:`ImageLoadError` when the image is loaded.
+        ``max_image_pixels``: no image whose header promises more pixels is decoded (it is
+        skipped by the verification; ``load`` raises :class:`ImageLoadError`), whatever the
+        manifest says (the budget may be lower now than when the manifest was written).
         """
         parse_background(background)
         spath = os.fspath(path)
@@ -106,13 +119,14 @@ class ImageCollection:
                 raise ValueError(f"the manifest does not belong to {spath}: it lists a {manifest.kind} of "
                                  f"{manifest.source_bytes} bytes, this is a {reader.kind} of {size} bytes")
             if verify:
-                manifest = _verified(reader, manifest, background, threads, progress, on_decoded)
+                manifest = _verified(reader, manifest, background, threads, progress, on_decoded,
+                                     max_image_pixels)
             elif on_decoded is not None:
                 raise ValueError("on_decoded needs verify=True: without it nothing is decoded here")
         except BaseException:
             reader.close()
             raise
-        return cls(spath, manifest, reader, background)
+        return cls(spath, manifest, reader, background, max_image_pixels)
 
     @property
     def manifest(self) -> Manifest:
@@ -147,7 +161,7 @@ class ImageCollection:
         name = self.names[i]
         bg = self._bg if background is None else parse_background(background)
         try:
-            return decode_image(self.read_bytes(i), bg, min_side=min_side)
+            return decode_image(self.read_bytes(i), bg, min_side=min_side, max_pixels=self.max_image_pixels)
         except Exception as e:
             raise ImageLoadError(
                 f"cannot load image {name!r} from {self.source}: {e} (it passed the scan: was the "
@@ -205,15 +219,17 @@ def scan_images(
         limits = dataclasses.replace(limits, max_member_bytes=max_file_bytes)
     reader = open_source(path, limits, cache_dir=cache_dir)
     try:
-        manifest = _verified(reader, build_manifest(reader, limits), background, threads, progress, on_decoded)
+        manifest = _verified(reader, build_manifest(reader, limits), background, threads, progress, on_decoded,
+                             limits.max_image_pixels)
     except BaseException:
         reader.close()
         raise
-    return ImageCollection(os.fspath(path), manifest, reader, background)
+    return ImageCollection(os.fspath(path), manifest, reader, background, limits.max_image_pixels)
 
 
 def _verified(reader: Source, manifest: Manifest, background: str | Sequence[int], threads: int | None,
-              progress: ProgressFn | None, on_decoded: DecodedFn | None = None) -> Manifest:
+              progress: ProgressFn | None, on_decoded: DecodedFn | None = None,
+              max_image_pixels: int | None = None) -> Manifest:
     """``manifest`` without the images that fail a full decode (moved to ``skipped``); each
     image that decodes goes to ``on_decoded`` (see :func:`scan_images`)."""
     bg = parse_background(background)
@@ -226,7 +242,7 @@ def _verified(reader: Source, manifest: Manifest, background: str | Sequence[int
             return f"cannot read ({e})"
         try:
             # A full decode (JPEGs at a reduced DCT scale: still every byte is decoded) + RGB conversion.
-            image = decode_image(data, bg, min_side=min_side)
+            image = decode_image(data, bg, min_side=min_side, max_pixels=max_image_pixels)
         except Exception as e:
             return describe_decode_error(member.name, e)
         if on_decoded is not None:

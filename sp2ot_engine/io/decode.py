@@ -16,7 +16,7 @@ from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 from sp2ot_engine.io._headers import IMAGE_SUFFIXES
 
-__all__ = ["DEFAULT_BACKGROUND", "decode_image", "describe_decode_error", "parse_background", "to_rgb"]
+__all__ = ["DEFAULT_BACKGROUND", "ImageTooLarge", "decode_image", "describe_decode_error", "parse_background", "to_rgb"]
 
 DEFAULT_BACKGROUND = "white"
 
@@ -112,19 +112,29 @@ def to_rgb(im: Image.Image, background: str | Sequence[int] = DEFAULT_BACKGROUND
     return im.convert("RGB")
 
 
+class ImageTooLarge(ValueError):
+    """The header promises more pixels than the caller's ``max_pixels``: nothing was decoded."""
+
+
 def decode_image(
     data: bytes,
     background: str | Sequence[int] = DEFAULT_BACKGROUND,
     *,
     min_side: int | None = None,
+    max_pixels: int | None = None,
 ) -> Image.Image:
     """Decode encoded image bytes fully and convert to RGB (see :func:`to_rgb`).
 
     ``min_side``: the caller only needs the shorter side to be at least this many pixels; JPEGs
     are then decoded at a reduced DCT scale (1/2, 1/4, 1/8) when that still satisfies it, which
-    makes big photos several times cheaper. Raises whatever Pillow raises on bad data.
+    makes big photos several times cheaper. ``max_pixels``: an image whose header says more
+    (width x height) raises :class:`ImageTooLarge` before any pixel is decoded (memory stays
+    bounded whatever the file promises). Raises whatever Pillow raises on bad data.
     """
     im = Image.open(io.BytesIO(data))
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise ImageTooLarge(f"{im.width} x {im.height} = {im.width * im.height / 1e6:.1f} megapixels, over the "
+                            f"limit of {max_pixels / 1e6:.1f}")
     if min_side and im.format == "JPEG":
         im.draft(None, (int(min_side), int(min_side)))
     im.load()
@@ -134,7 +144,7 @@ def decode_image(
 def describe_decode_error(name: str, exc: BaseException) -> str:
     """Why an image that failed to decode is skipped, in words (``exc`` from :func:`decode_image`)."""
     msg = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, Image.DecompressionBombError):
+    if isinstance(exc, (Image.DecompressionBombError, ImageTooLarge)):
         return f"image too large ({msg})"
     if isinstance(exc, UnidentifiedImageError):
         if posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES:

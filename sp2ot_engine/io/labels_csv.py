@@ -39,6 +39,7 @@ __all__ = [
     "name_list",
     "read_labels",
     "read_truth",
+    "spreadsheet_text",
     "write_labels",
     "write_truth",
 ]
@@ -49,6 +50,8 @@ NAMED_LABELS_COLUMNS = (*LABELS_COLUMNS, "cluster_name")
 TRUTH_COLUMNS = ("filename", "label")
 #: Digits after the decimal point of a written confidence.
 CONFIDENCE_DECIMALS = 4
+#: First characters that make a spreadsheet read a cell as a formula (CSV injection).
+FORMULA_STARTS = frozenset("=+-@\t\r")
 NAMES_SHOWN = 5  # file names listed in an error about several files
 _WRITE_BATCH = 10_000
 _DELIMITERS = ",;\t"
@@ -64,29 +67,43 @@ class CsvFormatError(ValueError):
 # ------------------------------------------------------------------------------ writing
 
 
+def spreadsheet_text(text: str) -> str:
+    """``text`` with a ``'`` in front when a spreadsheet would read it as a formula (it starts
+    with ``= + - @``, a tab or a carriage return); other text unchanged."""
+    return "'" + text if text[:1] in FORMULA_STARTS else text
+
+
 def format_labels(rows: Iterable[LabelRow], *, header: bool = True, decimals: int = CONFIDENCE_DECIMALS,
-                  cluster_names: Mapping[int, str] | None = None) -> str:
+                  cluster_names: Mapping[int, str] | None = None, spreadsheet_safe: bool = False) -> str:
     """``rows`` of ``(filename, cluster, confidence)`` as labels CSV text (``\\r\\n`` line ends,
     quoting where a filename needs it). With ``header=False`` it continues an earlier chunk, so
     a large table can be streamed in batches. With ``cluster_names`` (``{cluster: name}``) a
-    fourth column ``cluster_name`` (empty for a cluster without a name)."""
+    fourth column ``cluster_name`` (empty for a cluster without a name).
+
+    Names are written exactly as they are (a join on file names must find them), unless
+    ``spreadsheet_safe``: then a file or cluster name a spreadsheet would run as a formula gets
+    a ``'`` in front (:func:`spreadsheet_text`), so opening the file runs nothing."""
     def num(conf) -> str:
         return f"{float(conf):.{decimals}f}"
 
+    text = spreadsheet_text if spreadsheet_safe else str
     if cluster_names is None:
         return _csv_text(LABELS_COLUMNS if header else None,
-                         ((name, int(cluster), num(conf)) for name, cluster, conf in rows))
+                         ((text(name), int(cluster), num(conf)) for name, cluster, conf in rows))
     return _csv_text(NAMED_LABELS_COLUMNS if header else None,
-                     ((name, int(cluster), num(conf), cluster_names.get(int(cluster), ""))
+                     ((text(name), int(cluster), num(conf), text(cluster_names.get(int(cluster), "")))
                       for name, cluster, conf in rows))
 
 
 def write_labels(target: str | os.PathLike | TextIO, rows: Iterable[LabelRow], *,
-                 decimals: int = CONFIDENCE_DECIMALS, cluster_names: Mapping[int, str] | None = None) -> None:
-    """Write a labels CSV to a path (created or replaced) or to an open text file (opened with
-    ``newline=""``; left open, so a caller can ``fsync`` it before renaming)."""
+                 decimals: int = CONFIDENCE_DECIMALS, cluster_names: Mapping[int, str] | None = None,
+                 spreadsheet_safe: bool = False) -> None:
+    """Write a labels CSV (see :func:`format_labels`) to a path (created or replaced) or to an
+    open text file (opened with ``newline=""``; left open, so a caller can ``fsync`` it before
+    renaming)."""
     _write(target, rows, lambda batch, header: format_labels(batch, header=header, decimals=decimals,
-                                                             cluster_names=cluster_names))
+                                                             cluster_names=cluster_names,
+                                                             spreadsheet_safe=spreadsheet_safe))
 
 
 def write_truth(target: str | os.PathLike | TextIO, rows: Iterable[tuple[str, str | int]]) -> None:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
+from app.api import fairness
 from app.api.deps import DatabaseDep, OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StorageDep, UploadDirDep
 from app.core.config import Settings
 from app.core.db import Database
@@ -20,7 +21,7 @@ from app.core.security import Owner
 from app.errors import Conflict, NotFound, UploadRejected
 from app.jobs import repository
 from app.models import Dataset, new_id
-from app.schemas import DatasetList, DatasetOut, ErrorOut
+from app.schemas import MAX_OFFSET, MAX_PAGE, DatasetList, DatasetOut, ErrorOut
 from app.storage import Storage
 from app.uploads.form import ReceivedForm, receive_multipart
 from app.uploads.ingest import check_upload, store_upload
@@ -86,12 +87,14 @@ async def create_dataset(request: Request, owner: OwnerDep, settings: SettingsDe
     """Upload an archive of images: it is checked once (names, sizes, image types and pixel
     counts from the headers) and stored; then create jobs on it with `POST /jobs`
     `{"dataset_id": ..., "n_clusters": ...}`."""
+    await run_in_threadpool(fairness.check_upload_budget, db, settings, owner, fairness.incoming_bytes(request))
     form = await receive_multipart(
         request, upload_dir, max_bytes=settings.max_upload_bytes,
         file_fields={"archive": settings.max_upload_bytes}, text_fields={"name"},
         chunk_bytes=settings.upload_chunk_bytes,
     )
     try:
+        await run_in_threadpool(fairness.record_upload, db, settings, owner, form.received_bytes)
         ds = await run_in_threadpool(_create, db, settings, storage, owner, form)
     finally:
         await run_in_threadpool(form.cleanup)
@@ -102,7 +105,7 @@ async def create_dataset(request: Request, owner: OwnerDep, settings: SettingsDe
 @router.get("", response_model=DatasetList, responses={401: ERRORS[401]})
 def list_datasets(
     request: Request, owner: OwnerDep, session: ReadSessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ):
     rows, total = crud.list_datasets(session, owner, limit, offset)
     return DatasetList(items=[dataset_out(request, d) for d in rows], total=total, limit=limit, offset=offset)

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import exports
 from app.api.deps import DatabaseDep, OwnerDep, StorageDep
-from app.api.routes.jobs import ERRORS, _get_job_or_404, _require_success
+from app.api.routes.jobs import ERRORS, SPREADSHEET_SAFE, _get_job_or_404, _require_success
 from app.core.db import Database
 from app.core.security import Owner
 from app.jobs.repository import JobRecord
@@ -31,10 +31,13 @@ def _checked_job(db: Database, owner: Owner, job_id: str) -> tuple[JobRecord, bo
 
 
 @router.get("/{job_id}/export", response_class=StreamingResponse,
-            responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job has not succeeded"}})
+            responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job has not succeeded"},
+                       200: {"description": "The export, in the format asked for",
+                             "content": {media.split(";")[0]: {} for media in MEDIA.values()}}})
 async def export_job(
     job_id: str, request: Request, owner: OwnerDep, db: DatabaseDep, storage: StorageDep,
     format: Annotated[Literal["json", "zip", "labelstudio", "csv"], Query(description="What to download")] = "json",
+    spreadsheet_safe: Annotated[bool, Query(description="With format=csv: " + SPREADSHEET_SAFE)] = False,
 ):
     """The job's clusters as they are now (curated, if a person edited them; the answer's
     `X-SP2OT-Curated` header and the file name say so). `csv`: as labels.csv; `json`: images and
@@ -43,7 +46,7 @@ async def export_job(
     per cluster holding the original images."""
     job, curated = await run_in_threadpool(_checked_job, db, owner, job_id)
     if format == "csv":
-        body = exports.csv_stream(db, job, curated)
+        body = exports.csv_stream(db, job, curated, spreadsheet_safe)
     elif format == "json":
         body = exports.json_stream(db, job)
     elif format == "labelstudio":

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app import crud, exports, results
+from app.api import fairness
 from app.api.deps import (
     DatabaseDep,
     OwnerDep,
@@ -28,6 +29,11 @@ from app.jobs import repository
 from app.jobs.repository import JobRecord
 from app.models import Dataset, JobStatus, new_id
 from app.schemas import (
+    MAX_CLUSTERS,
+    MAX_EPOCHS,
+    MAX_OFFSET,
+    MAX_PAGE,
+    MAX_SEED,
     ErrorOut,
     JobFromDataset,
     JobList,
@@ -48,6 +54,9 @@ ERRORS = {
     401: {"model": ErrorOut, "description": "Missing or invalid API key"},
     404: {"model": ErrorOut, "description": "No such job for this API key"},
 }
+SPREADSHEET_SAFE = ("true: a file or cluster name starting with = + - @, a tab or a carriage return gets a ' in "
+                    "front, so a spreadsheet opening the file runs no formula (the names then differ from the "
+                    "archive's; keep false to join on file names)")
 TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "init", "seed", "dataset_id"}
 
 
@@ -83,17 +92,18 @@ _MULTIPART_SCHEMA = {
     "properties": {
         "archive": {"type": "string", "format": "binary",
                     "description": "zip, tar, tar.gz, tar.bz2 or tar.xz of the images (or give dataset_id)"},
-        "dataset_id": {"type": "string", "description": "cluster a dataset uploaded with POST /datasets instead"},
+        "dataset_id": {"type": "string", "minLength": 1, "maxLength": 64,
+                       "description": "cluster a dataset uploaded with POST /datasets instead"},
         "truth": {"type": "string", "format": "binary",
                   "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics; "
                                  "header optional, comma, semicolon or tab)"},
-        "n_clusters": {"type": "integer", "minimum": 2},
+        "n_clusters": {"type": "integer", "minimum": 2, "maximum": MAX_CLUSTERS},
         "backbone": {"type": "string", "enum": list(BACKBONES)},
         "mode": {"type": "string", "enum": list(MODES)},
-        "epochs": {"type": "integer", "minimum": 1},
+        "epochs": {"type": "integer", "minimum": 1, "maximum": MAX_EPOCHS},
         "formulation": {"type": "string", "enum": list(FORMULATIONS)},
         "init": {"type": "string", "enum": list(INITS)},
-        "seed": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
     },
 }
 # The enums it refers to are components of the document (the responses use them too).
@@ -255,6 +265,7 @@ def _create_from_dataset(db: Database, settings: Settings, storage: Storage, own
         200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key"},
         401: ERRORS[401], 404: {"model": ErrorOut, "description": "Unknown dataset_id"},
         413: {"model": ErrorOut, "description": "Upload over SP2OT_MAX_UPLOAD_BYTES"},
+        429: {"model": ErrorOut, "description": "Too many active jobs or upload bytes this hour for this key"},
         415: {"model": ErrorOut}, 422: {"model": ErrorOut, "description": "Invalid archive or options"},
         503: {"model": ErrorOut, "description": "Job queue unreachable"},
     },
@@ -284,6 +295,7 @@ async def create_job(
         existing = await run_in_threadpool(_find_idempotent, db, owner, idempotency_key)
         if existing is not None:
             return _replay(request, existing)
+    await run_in_threadpool(fairness.check_active_jobs, db, settings, owner)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         raw = await _read_small_body(request, 1 << 20)
@@ -296,12 +308,14 @@ async def create_job(
         body = _parse_params(payload, JobFromDataset)
         job, created = await run_in_threadpool(_create_from_dataset, db, settings, storage, owner, body, idempotency_key)
     elif ctype == "multipart/form-data":
+        await run_in_threadpool(fairness.check_upload_budget, db, settings, owner, fairness.incoming_bytes(request))
         form = await receive_multipart(
             request, upload_dir, max_bytes=settings.max_upload_bytes,
             file_fields={"archive": settings.max_upload_bytes, "truth": settings.max_truth_bytes},
             text_fields=TEXT_FIELDS, chunk_bytes=settings.upload_chunk_bytes,
         )
         try:
+            await run_in_threadpool(fairness.record_upload, db, settings, owner, form.received_bytes)
             job, created = await run_in_threadpool(
                 _create_from_upload, db, settings, storage, owner, form, idempotency_key
             )
@@ -349,20 +363,14 @@ def list_jobs(
     request: Request,
     owner: OwnerDep,
     session: ReadSessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    status: Annotated[list[str] | None, Query(description="Filter: one or more statuses (repeat or comma-separate)")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    status: Annotated[list[JobStatus] | None, Query(description="Filter: one or more statuses (repeat the "
+                                                                "parameter: ?status=queued&status=running)")] = None,
     dataset_id: Annotated[str | None, Query(max_length=64)] = None,
 ):
     """Your jobs, newest first."""
-    statuses = None
-    if status:
-        statuses = {s.strip().lower() for v in status for s in v.split(",") if s.strip()}
-        bad = statuses - set(JobStatus)
-        if bad:
-            raise UploadRejected(
-                f"Unknown status {', '.join(sorted(bad))}. Use one of: {', '.join(JobStatus)}."
-            )
+    statuses = set(status) if status else None
     rows, total = repository.list_jobs(session, owner, limit, offset, statuses, dataset_id)
     return JobList(items=[job_out(request, j) for j in rows], total=total, limit=limit, offset=offset)
 
@@ -407,11 +415,13 @@ def _require_success(job: JobRecord, what: str) -> None:
     responses={**ERRORS, 409: {"model": ErrorOut, "description": "The job has not succeeded"},
                200: {"content": {"text/csv": {}}, "description": "filename,cluster,confidence"}},
 )
-async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep):
+async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep,
+                     spreadsheet_safe: Annotated[bool, Query(description=SPREADSHEET_SAFE)] = False):
     """The cluster of every image: CSV `filename,cluster,confidence` (confidence with 4
     decimals, as the CLI writes it), one row per image, in the order of the image names,
     streamed from the database. After a curation the clusters are the curated ones and a
-    fourth column `cluster_name` gives their names."""
+    fourth column `cluster_name` gives their names. Names are exact (for joins by file name)
+    unless `spreadsheet_safe=true`."""
 
     def check() -> tuple[JobRecord, bool]:
         with db.session() as s:
@@ -423,7 +433,7 @@ async def get_labels(job_id: str, owner: OwnerDep, db: DatabaseDep):
     # A curated result says so: its file name, a header, and a cluster_name column.
     name = f"sp2ot-{job_id}-{'curated-' if curated else ''}labels.csv"
     return StreamingResponse(
-        exports.csv_stream(db, job, curated),
+        exports.csv_stream(db, job, curated, spreadsheet_safe),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{name}"',
                  "X-SP2OT-Curated": "true" if curated else "false"},
