@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api.deps import _KeyCache
-from app.api.routes import curation, datasets, exports, health, jobs
+from app.api.routes import assign, curation, datasets, exports, health, jobs
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database, run_migrations
 from app.core.fastread import make_read_pool
@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_cache = _KeyCache()
     install_error_handlers(app)
     app.include_router(jobs.router)
+    app.include_router(assign.router)
     app.include_router(datasets.router)
     app.include_router(health.router)
     app.include_router(exports.router)

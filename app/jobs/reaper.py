@@ -57,6 +57,8 @@ class Reaper:
                     if status == repository.QUEUED:
                         # Inside the transaction: when the send fails the job stays running, for the next pass.
                         self.queue.submit(job_id)
+                if status in (repository.FAILED, repository.CANCELLED):
+                    self.queue.notify(job_id)  # its completion callback, if it has one
             except Exception:
                 log.warning("job %s: cannot settle it now; next pass in %ss", job_id, self.settings.reaper_interval,
                             exc_info=True)
