@@ -10,7 +10,7 @@ Service commands::
     sp2ot migrate                                   alembic upgrade head
     sp2ot cleanup                                   delete expired jobs and datasets (retention settings)
 
-Anything else (cluster, evaluate, benchmark, ...) is the engine's CLI (``sp2ot_engine.cli``).
+Anything else (cluster, assign, evaluate, benchmark, ...) is the engine's CLI (``sp2ot_engine.cli``).
 Configuration comes from ``SP2OT_*`` environment variables (see ``app/core/config.py``).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sp2ot",
         description="SP2OT image clustering: web service commands below; engine commands "
-        "(cluster, evaluate, benchmark, ...) are passed to the engine CLI.",
+        "(cluster, assign, evaluate, benchmark, ...) are passed to the engine CLI.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("serve", help="run the HTTP API (embedded worker unless SP2OT_BROKER_URL is set)")
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
-        print("\nengine commands: sp2ot cluster|evaluate|benchmark ... (see `sp2ot cluster --help`)")
+        print("\nengine commands: sp2ot cluster|assign|evaluate|benchmark ... (see `sp2ot cluster --help`)")
         return 0
     return {
         "serve": _serve, "worker": _worker, "create-api-key": _create_key, "list-api-keys": _list_keys,

@@ -36,6 +36,11 @@ def owner_for_key(session: Session, key: str) -> Owner | None:
     return Owner(row.id, row.name) if row else None
 
 
+def key_hash_of(session: Session, owner: Owner) -> str:
+    """The stored hash of the owner's API key (what its callback secret is derived from)."""
+    return session.scalar(select(ApiKey.key_hash).where(ApiKey.id == owner.id))
+
+
 def local_owner(session: Session) -> Owner:
     """The owner of requests made without a key while authentication is off."""
     row = session.execute(select(ApiKey.id, ApiKey.name).where(ApiKey.key_hash == LOCAL_OWNER_HASH)).first()

@@ -23,7 +23,7 @@ from app import __version__
 from app.api.deps import _KeyCache
 from app.api.middleware import RequestContext
 from app.api.openapi import contract
-from app.api.routes import curation, datasets, exports, health, jobs
+from app.api.routes import assign, curation, datasets, exports, health, jobs
 from app.core.config import Settings, is_loopback_host
 from app.core.db import Database, run_migrations
 from app.core.fastread import make_read_pool
@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, answer=unexpected_error)
     app.openapi = lambda: contract(app)
     app.include_router(jobs.router)
+    app.include_router(assign.router)
     app.include_router(datasets.router)
     app.include_router(health.router)
     app.include_router(exports.router)

@@ -140,6 +140,13 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
+    # Completion callback (app.jobs.callbacks): where to POST the job once it is final, and how
+    # the delivery went: pending (not yet delivered), sent or failed (attempts used up).
+    callback_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    callback_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
 
 class Assignment(Base):
     """One clustered image of a succeeded job. ``cluster`` is the current cluster: the engine's,
@@ -207,3 +214,29 @@ class UploadUsage(Base):
     owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class AssignRequest(Base):
+    """New images to put into the clusters of a succeeded job with its saved model, without
+    training (``POST /jobs/{id}/assign``); run by a worker (``app.jobs.assigning``). States:
+    queued -> running -> succeeded | failed. Its files (the upload, the CSV) are in the job's
+    folder and go with the job."""
+
+    __tablename__ = "assign_requests"
+    __table_args__ = (Index("ix_assign_requests_job", "job_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # The stored upload of the new images (manifest next to it), relative to the data dir.
+    input_path: Mapped[str] = mapped_column(String(1024))
+    input_name: Mapped[str] = mapped_column(String(512), default="")
+    n_images: Mapped[int] = mapped_column(Integer, default=0)
+    input_skipped: Mapped[list[Any]] = mapped_column(default=list)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set when it succeeded: n_assigned, cluster_counts, n_skipped, skipped (first 1000), seconds.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -72,6 +72,10 @@ class JobParams(BaseModel):
     formulation: Formulation | None = Field(None, description="OT formulation (default sp2ot).")
     init: Init | None = Field(None, description="How the cluster head starts (default auto).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed (the estimator's random_state).")
+    callback_url: str | None = Field(None, max_length=2048, description=(
+        "Where to POST the job's JSON once it succeeded, failed or was cancelled, signed with "
+        "`X-SP2OT-Signature: sha256=<HMAC-SHA256 of the body>` (key: GET /callback-secret). Its host must be "
+        "in SP2OT_CALLBACK_ALLOWED_HOSTS."))
 
 
 class JobFromDataset(JobParams):
@@ -121,6 +125,15 @@ class JobOptions(BaseModel):
     seed: int
 
 
+class CallbackOut(BaseModel):
+    url: str
+    status: Literal["pending", "sent", "failed"] = Field(
+        description="pending until the job is final and the receiver answered 2xx (sent), or every attempt "
+                    "failed (failed).")
+    attempts: int
+    error: str | None = Field(None, description="Why the last attempt failed.")
+
+
 class JobOut(_Out):
     id: str
     status: JobStatus
@@ -139,6 +152,76 @@ class JobOut(_Out):
     started_at: datetime | None
     finished_at: datetime | None
     links: JobLinks
+    callback: CallbackOut | None = Field(None, description="The completion callback, when the job has one.")
+
+
+def job_links(root_path: str, job_id: str) -> dict[str, str]:
+    base = f"{root_path}/jobs/{job_id}"
+    return {"self": base, "labels": f"{base}/labels.csv", "metrics": f"{base}/metrics", "cancel": f"{base}/cancel"}
+
+
+def job_out(job: Any, root_path: str = "") -> JobOut:
+    """The JSON of a job row (``app.jobs.repository.JobRecord``): the API's answer and the body
+    of its completion callback; links start with ``root_path``."""
+    return JobOut.model_validate({
+        "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
+        "n_images": job.n_images,
+        "options": {"n_clusters": job.n_clusters, "backbone": job.backbone, "mode": job.mode, "epochs": job.epochs,
+                    "formulation": job.formulation, "init": job.init, "seed": job.seed},
+        "has_truth": job.has_truth, "progress": job.progress or {}, "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts, "error": job.error, "summary": job.summary,
+        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "links": job_links(root_path, job.id),
+        "callback": None if not job.callback_url else {
+            "url": job.callback_url, "status": job.callback_status or "pending",
+            "attempts": job.callback_attempts or 0, "error": job.callback_error},
+    })
+
+
+class AssignLinks(BaseModel):
+    self: str
+    labels: str = Field(description="The CSV filename,cluster,confidence,outlier_score,outlier, once succeeded.")
+    job: str
+
+
+class AssignSummary(BaseModel):
+    n_assigned: int
+    cluster_counts: list[int] = Field(description="New images per cluster of the job.")
+    n_skipped: int
+    skipped: list[SkippedFile] = Field(description="Files not assigned and why (first 1000).")
+    seconds: float
+
+
+class AssignOut(_Out):
+    """New images put into a succeeded job's clusters by its saved model (no training)."""
+
+    id: str
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    input_name: str
+    n_images: int
+    error: str | None = None
+    summary: AssignSummary | None = None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: AssignLinks
+
+
+def assign_out(req: Any, root_path: str = "") -> AssignOut:
+    base = f"{root_path}/jobs/{req.job_id}"
+    return AssignOut.model_validate({
+        "id": req.id, "job_id": req.job_id, "status": req.status, "input_name": req.input_name,
+        "n_images": req.n_images, "error": req.error, "summary": req.summary, "created_at": req.created_at,
+        "started_at": req.started_at, "finished_at": req.finished_at,
+        "links": {"self": f"{base}/assignments/{req.id}", "labels": f"{base}/assignments/{req.id}/labels.csv",
+                  "job": base},
+    })
+
+
+class CallbackSecretOut(BaseModel):
+    secret: str = Field(description="HMAC-SHA256 key of the X-SP2OT-Signature of your jobs' callbacks.")
+    header: str = "X-SP2OT-Signature"
 
 
 class JobList(BaseModel):

@@ -7,11 +7,14 @@
                  [--init auto|density|spectral|kmeans|random]
                  [--batch-size N] [--input-size N] [--device auto|cpu|cuda] [--seed N]
                  [--workers N] [--save-model FILE] [--truth truth.csv] [--quiet]
+    sp2ot-engine assign MODEL PATH -o assignments.csv [--device auto|cpu|cuda] [--workers N] [--quiet]
     sp2ot-engine evaluate labels.csv truth.csv [--json]
     sp2ot-engine benchmark [ARGS...]        (runs benchmarks/quality.py of a source checkout)
 
 ``PATH`` is a folder or archive (zip, tar, tar.gz, ...) of images, or a ``.npy`` file holding an
-``N x d`` feature matrix (its "filenames" are then the row numbers ``0..N-1``).
+``N x d`` feature matrix (its "filenames" are then the row numbers ``0..N-1``). ``assign`` puts
+new images into the clusters of a model saved by ``cluster --save-model`` without training:
+``filename,cluster,confidence,outlier_score,outlier``.
 
 Exit codes: 0 success, 2 bad usage or input (the message says what), 1 runtime failure,
 130 interrupted/cancelled. User errors never print a traceback (set ``SP2OT_DEBUG=1`` to get
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sp2ot_engine.errors import Cancelled
-from sp2ot_engine.io.labels_csv import name_list, read_labels, read_truth, write_labels
+from sp2ot_engine.io.labels_csv import name_list, read_labels, read_truth, write_assignments, write_labels
 from sp2ot_engine.options import BACKBONES, FORMULATIONS, INITS, MODES, Backbone, Formulation, Init, Mode, Stage
 
 SKIPPED_SHOWN = 20  # skipped files listed by name in the summary
@@ -161,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground truth CSV (filename,label): print the clustering metrics at the end")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    a = sub.add_parser(
+        "assign", help="assign new images (or .npy rows) to the clusters of a saved model, without training",
+        description="Assign new images to the clusters of a model saved by `cluster --save-model` and write "
+                    "filename,cluster,confidence,outlier_score,outlier to a CSV (confidence: the model's "
+                    "probability of the cluster; the outlier columns are empty when the model has no outlier rule).",
+    )
+    a.add_argument("model", metavar="MODEL", help="model file written by `cluster --save-model`")
+    a.add_argument("path", metavar="PATH",
+                   help="folder or archive of the new images, or a .npy N x d feature matrix")
+    a.add_argument("-o", "--output", required=True, metavar="assignments.csv",
+                   help="output CSV; written atomically")
+    a.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda or cuda:N")
+    a.add_argument("--workers", type=_non_negative_int, default=0,
+                   help="image-decoding worker processes (default 0: in the main process)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
     e = sub.add_parser(
         "evaluate", help="score a labels CSV against a ground-truth CSV (ACC, NMI, F1, ARI, head/medium/tail)",
         description="Join labels.csv (filename,cluster[,confidence]) and truth.csv (filename,label) on "
@@ -196,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        return {"cluster": _cluster, "evaluate": _evaluate}[args.command](args)
+        return {"cluster": _cluster, "assign": _assign, "evaluate": _evaluate}[args.command](args)
     except UsageError as e:
         return _fail(str(e), 2)
     except ValueError as e:  # the engine's errors for bad input
@@ -272,6 +291,39 @@ def _cluster(args) -> int:
     return 0
 
 
+def _assign(args) -> int:
+    started = time.perf_counter()
+    out = Path(args.output)
+    _check_writable(out, "--output")
+    if not Path(args.model).is_file():
+        raise UsageError(f"model file not found: {args.model} (write one with `cluster ... --save-model FILE`)")
+    if not os.path.exists(args.path):
+        raise UsageError(f"{args.path} does not exist")
+    X = _load_matrix(Path(args.path)) if _is_npy(args.path) else args.path
+
+    from sp2ot_engine.clustering import SP2OTClustering
+
+    try:
+        est = SP2OTClustering.load(args.model)
+    except (KeyError, TypeError, RuntimeError, EOFError) as e:  # torch.load's errors for a file that is no model
+        raise UsageError(f"{args.model} is not a model saved by `cluster --save-model` ({type(e).__name__})") from None
+    est.device, est.num_workers = args.device, args.workers
+    with _progress(enabled=not args.quiet) as progress:
+        result = est.predict_assignments(X, progress=progress)
+    _write_csv_atomic(out, lambda f: write_assignments(f, result.names, result.labels, result.confidences,
+                                                         result.outlier_scores, result.outliers))
+    sizes = [int((result.labels == c).sum()) for c in range(int(est.n_clusters))]
+    print(f"assigned {len(result.names)} {'rows' if _is_npy(args.path) else 'images'} to the "
+          f"{int(est.n_clusters)} clusters of {args.model} -> {out}")
+    print("per cluster: " + " ".join(f"{i}:{n}" for i, n in enumerate(sizes)))
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} file(s):")
+        for name, reason in result.skipped[:SKIPPED_SHOWN]:
+            print(f"  {name}: {reason}")
+    print(f"time {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def _is_npy(path: str) -> bool:
     return path.lower().endswith(".npy") and os.path.isfile(path)
 
@@ -317,9 +369,14 @@ def _atomic_path(path: Path) -> Iterator[str]:
 
 
 def _write_labels_atomic(path: Path, rows) -> None:
+    _write_csv_atomic(path, lambda f: write_labels(f, rows))
+
+
+def _write_csv_atomic(path: Path, write: Callable[[object], None]) -> None:
+    """``write(f)`` to a temporary file renamed over ``path`` once synced (see :func:`_atomic_path`)."""
     with _atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            write_labels(f, rows)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Callable
@@ -313,31 +314,63 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         logits, names = self._predict_logits(X)
         return names, logits.argmax(dim=1).numpy().astype(np.int64)
 
-    def _predict_logits(self, X) -> tuple[torch.Tensor, list[str] | None]:
-        """Head logits (``N x K``) and, for images, their names."""
+    def predict_assignments(self, X, *, progress: ProgressFn | None = None) -> "Assignments":
+        """Assign new samples to the fitted clusters without training: images (as
+        :meth:`predict_images` takes them) or a feature matrix. Returns :class:`Assignments`:
+        names, clusters, confidences (the head's softmax probability of the chosen cluster,
+        ``N`` in ``[0, 1]``: a handful of new images has no transport problem of its own, so
+        not the fit's transport mass), the files skipped, and outlier scores and flags when the
+        model has an outlier rule (:meth:`_outliers_of`). ``progress`` as in :meth:`fit`
+        (stages ``loading``, ``features``, ``predicting``). Changes nothing."""
+        logits, names, features, skipped = self._predict_logits(X, _Reporter(progress), with_features=True)
+        labels = logits.argmax(dim=1).numpy().astype(np.int64)
+        confidences = torch.softmax(logits.double(), dim=1).max(dim=1).values.numpy()
+        outliers = self._outliers_of(features, logits)
+        if names is None:
+            names = [str(i) for i in range(len(labels))]
+        _Reporter(progress)({"stage": "done", "percent": 100.0})
+        return Assignments(names=names, labels=labels, confidences=confidences, skipped=skipped,
+                           outlier_scores=None if outliers is None else outliers[0],
+                           outliers=None if outliers is None else outliers[1])
+
+    def _outliers_of(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """Outlier hook of :meth:`predict_assignments`: ``(scores, flags)`` (``N`` floats,
+        ``N`` bools) of new samples by the rule the fit used for its own images, or None when
+        the model has no outlier rule (this version: the per-image outlier flag is not in the
+        engine yet, so assignments carry no outlier column values)."""
+        return None
+
+    def _predict_logits(self, X, report: "_Reporter | None" = None, *, with_features: bool = False):
+        """Head logits (``N x K``) and, for images, their names; ``with_features``: also the
+        ``N x d`` features and the skipped files."""
         check_is_fitted(self)
         from sp2ot_engine.backbones import resolve_device
 
+        report = report or _Reporter(None)
         device = resolve_device(self.device)
         names = None
+        skipped: list[tuple[str, str]] = []
         if _is_images(X):
             if getattr(self, "fitted_on_", "images") != "images":
                 raise ValueError("this model was fitted on a feature matrix: pass features, not images")
-            collection, owns_collection = self._scan(X, _Reporter(None))
+            collection, owns_collection = self._scan(X, report)
             try:
                 backbone = self._make_backbone(device)
                 if self.encoder_state_ is not None:
                     backbone.load_state_dict(self.encoder_state_)
-                features = self._extract(backbone, collection, device, _Reporter(None), None)
+                features = self._extract(backbone, collection, device, report, None)
                 names = list(collection.names)
+                skipped = list(collection.skipped)
             finally:
                 if owns_collection:
                     collection.close()
         else:
             features = self._as_features(X, reset=False)
+        report({"stage": "predicting", "percent": 0.0})
         head = CosineHead(self.n_features_in_, int(self.n_clusters), generator=torch.Generator())
         head.load_state_dict(self.head_state_)
-        return predict_logits(head.to(device), features, device), names
+        logits = predict_logits(head.to(device), features, device)
+        return (logits, names, features, skipped) if with_features else (logits, names)
 
     # ------------------------------------------------------------------------------ persistence
 
@@ -504,6 +537,21 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                 yield index, view_a, view_b
 
         return batches, len(loader), backbone
+
+
+@dataclass
+class Assignments:
+    """New samples assigned to a fitted model's clusters (:meth:`SP2OTClustering.predict_assignments`):
+    ``names`` (``N``; row numbers for a feature matrix), ``labels`` (``N`` int64), ``confidences``
+    (``N`` in ``[0, 1]``), ``skipped`` (``(name, reason)`` of unreadable files), and
+    ``outlier_scores`` / ``outliers`` (``N``) or None when the model has no outlier rule."""
+
+    names: list[str]
+    labels: np.ndarray
+    confidences: np.ndarray
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    outlier_scores: np.ndarray | None = None
+    outliers: np.ndarray | None = None
 
 
 class _TwoViewDataset(torch.utils.data.Dataset):

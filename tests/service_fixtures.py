@@ -545,13 +545,18 @@ def engine_path() -> str:
     return "sp2ot_engine:SP2OTClustering"
 
 
+# Completion callbacks of the test services: to receivers on this machine, retried quickly.
+CALLBACK_ENV = {"SP2OT_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "SP2OT_CALLBACK_BACKOFF": "0.3",
+                "SP2OT_CALLBACK_TIMEOUT": "5"}
+
+
 @pytest.fixture(scope="session")
 def celery_stack(pg_url, redis_ns, tmp_path_factory, engine_path):
     """The API (in-process TestClient, Celery mode) + one real worker subprocess, on the
     session's PostgreSQL database and Redis namespace."""
     data_dir = tmp_path_factory.mktemp("celery-data")
     env = service_env(data_dir=data_dir, database_url=pg_url, redis=redis_ns, estimator=engine_path,
-                      SP2OT_AUTH_REQUIRED="true")
+                      SP2OT_AUTH_REQUIRED="true", **CALLBACK_ENV)
     settings = settings_from(env)
     worker = WorkerProcess(env, data_dir / "worker.log", "e2e").start()
     try:

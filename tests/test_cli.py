@@ -146,6 +146,60 @@ def test_cluster_feature_matrix(tmp_path, capsys):
     assert "60 rows" in captured.out
 
 
+def test_assign_new_images_to_a_saved_model(tmp_path, capsys):
+    """`cluster --save-model` then `assign MODEL PATH`: new images of each group land in the
+    cluster their group got, without training; an unreadable file is skipped and said."""
+    truth = _image_folder(tmp_path / "images")
+    labels, model = tmp_path / "labels.csv", tmp_path / "model.pt"
+    assert main(["cluster", str(tmp_path / "images"), "-k", "3", "-o", str(labels), "--epochs", "3",
+                 "--batch-size", "16", "--device", "cpu", "--save-model", str(model), "--quiet"]) == 0
+    group_cluster = {truth[r[0]]: int(r[1]) for r in _read_csv(labels)[1:]}
+    new = tmp_path / "new"
+    new.mkdir()
+    expected = {}
+    for g, (colour, shape) in enumerate(GROUPS):
+        for i in range(4):
+            _image(colour, shape, (i % 3) - 1).save(new / f"new_{g}_{i}.png")
+            expected[f"new_{g}_{i}.png"] = group_cluster[g]
+    (new / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    capsys.readouterr()
+
+    out = tmp_path / "assigned.csv"
+    code = main(["assign", str(model), str(new), "-o", str(out), "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = _read_csv(out)
+    assert rows[0] == ["filename", "cluster", "confidence", "outlier_score", "outlier"]
+    assert {r[0]: int(r[1]) for r in rows[1:]} == expected
+    assert all(0.0 < float(r[2]) <= 1.0 and r[3] == "" and r[4] == "" for r in rows[1:])
+    assert "assigned 12 images" in captured.out and "broken.png" in captured.out
+    _no_leftovers(tmp_path)
+
+
+def test_assign_feature_rows_and_bad_models(tmp_path, capsys):
+    X, y = _blobs()
+    np.save(tmp_path / "features.npy", X)
+    model = tmp_path / "model.pt"
+    assert main(["cluster", str(tmp_path / "features.npy"), "-k", "3", "-o", str(tmp_path / "l.csv"),
+                 "--epochs", "3", "--batch-size", "16", "--save-model", str(model), "--quiet"]) == 0
+    fitted = [int(r[1]) for r in _read_csv(tmp_path / "l.csv")[1:]]
+    np.save(tmp_path / "new.npy", X[:7] + 0.01)
+    out = tmp_path / "a.csv"
+    assert main(["assign", str(model), str(tmp_path / "new.npy"), "-o", str(out), "--quiet"]) == 0
+    assert [int(r[1]) for r in _read_csv(out)[1:]] == fitted[:7]
+
+    capsys.readouterr()
+    assert main(["assign", str(tmp_path / "missing.pt"), str(tmp_path / "new.npy"), "-o", str(out)]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    not_a_model = _write(tmp_path / "notes.pt", "hello")
+    assert main(["assign", str(not_a_model), str(tmp_path / "new.npy"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a model saved by `cluster --save-model`" in err and "Traceback" not in err
+    np.save(tmp_path / "narrow.npy", X[:, :5])
+    assert main(["assign", str(model), str(tmp_path / "narrow.npy"), "-o", str(out)]) == 2
+    assert "features" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("init", ["random", "kmeans", "auto"])
 def test_cluster_init_reaches_the_estimator(tmp_path, capsys, monkeypatch, init):
     """--init is passed to SP2OTClustering (seen by fit and kept in the saved model's params)."""

@@ -267,7 +267,9 @@ def test_upload_bytes_per_hour_limit_is_429_with_retry_after(api):
         r = c.post("/datasets", files={"archive": ("a.zip", archive)})
         assert r.status_code == 201, r.text
         for send in (lambda: c.post("/datasets", files={"archive": ("a.zip", archive)}),
-                     lambda: upload_job(c, None, archive, n_clusters=2)):
+                     lambda: upload_job(c, None, archive, n_clusters=2),
+                     lambda: c.post("/jobs/0123456789abcdef0123456789abcdef/assign",
+                                    files={"archive": ("a.zip", archive)})):
             r = send()
             assert r.status_code == 429, r.text
             assert 0 < int(r.headers["retry-after"]) <= 3600

@@ -39,7 +39,11 @@ class RecordingQueue:
 
     def __init__(self, fail: bool = False):
         self.sent: list[str] = []
+        self.notified: list[str] = []  # jobs whose completion callback was asked for
         self.fail = fail
+
+    def notify(self, job_id: str) -> None:
+        self.notified.append(job_id)
 
     def submit(self, job_id: str) -> None:
         from app.jobs.queue import BrokerUnavailable
@@ -172,6 +176,7 @@ def test_reaper_fails_a_job_whose_worker_died_max_attempts_times(sqlite_db):
     assert _reaper(settings, db, queue).run_once().settled == {"failed": [job_id]}
     job = job_state(db, job_id)
     assert job.status == "failed" and job.finished_at is not None and queue.sent == []
+    assert queue.notified == [job_id]  # a job ended here gets its callback too
     assert f"started {settings.max_attempts} times and its worker died each time" in job.error
 
 
@@ -182,7 +187,7 @@ def test_reaper_ends_a_cancelled_job_that_has_no_worker(sqlite_db):
     assert _reaper(settings, db, queue).run_once().settled == {"cancelled": [job_id]}
     job = job_state(db, job_id)
     assert job.status == "cancelled" and job.finished_at is not None and job.progress["stage"] == "cancelled"
-    assert queue.sent == []
+    assert queue.sent == [] and queue.notified == [job_id]
 
 
 def test_a_failed_send_leaves_the_job_running_for_the_next_pass(sqlite_db):
@@ -192,6 +197,7 @@ def test_a_failed_send_leaves_the_job_running_for_the_next_pass(sqlite_db):
     assert job_state(db, job_id).status == "running"  # not queued without a message
     queue = RecordingQueue()
     assert _reaper(settings, db, queue).run_once().settled == {"queued": [job_id]} and queue.sent == [job_id]
+    assert queue.notified == []  # re-queued: not final, no callback
 
 
 def test_health_reports_jobs_without_a_live_worker(tmp_path, monkeypatch):

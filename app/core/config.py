@@ -165,6 +165,17 @@ class Settings(BaseSettings):
         20 * GiB, ge=0, description="Bytes one API key may upload (POST /jobs and POST /datasets bodies, accepted "
         "or not) in any hour; beyond it a 429 with Retry-After. 0 = no limit.",
     )
+    # --- completion callbacks (a job's callback_url) ------------------------------------------
+    callback_allowed_hosts: str = Field(
+        "", description="Comma-separated host names (or IP addresses) a job's callback_url may point to, "
+        "e.g. `hooks.example.org,127.0.0.1`; compared exactly, case-insensitively. Empty = callbacks disabled "
+        "(a job with a callback_url is refused with a 422): the server sends requests nowhere else.",
+    )
+    callback_attempts: int = Field(4, ge=1, le=10, description="Deliveries tried per callback before giving up.")
+    callback_backoff: float = Field(
+        2.0, ge=0, description="Seconds before the first retry of a failed delivery; doubled for each next one.",
+    )
+    callback_timeout: float = Field(10.0, gt=0, description="Seconds one delivery may take (connect + answer).")
 
     @field_validator("data_dir", mode="after")
     @classmethod
@@ -196,6 +207,11 @@ class Settings(BaseSettings):
     @property
     def visibility_timeout(self) -> int:
         return self.broker_visibility_timeout or (self.task_time_limit + 600)
+
+    @property
+    def callback_hosts(self) -> frozenset[str]:
+        """The hosts of :attr:`callback_allowed_hosts`, lower case (empty: callbacks disabled)."""
+        return frozenset(h.strip().strip("[]").lower() for h in self.callback_allowed_hosts.split(",") if h.strip())
 
     @property
     def tmp_dir(self) -> Path:

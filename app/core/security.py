@@ -69,3 +69,15 @@ def load_or_create_secret(configured: str, path: Path) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return bytes.fromhex(path.read_text().strip())
+
+
+def callback_secret(secret: bytes, key_hash: str) -> str:
+    """The key whose owner's job callbacks are signed with: derived from the server's secret and
+    the API key's hash (a new key gets a new one; nothing more to store). Its owner reads it at
+    ``GET /callback-secret``."""
+    return hmac.new(secret, b"sp2ot-callback:" + key_hash.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def sign_body(secret: str, body: bytes) -> str:
+    """The ``X-SP2OT-Signature`` header value of a callback: ``sha256=<hex HMAC-SHA256 of the body>``."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()

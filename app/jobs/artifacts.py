@@ -1,6 +1,7 @@
-"""What the worker makes once for the pages after a job's clustering: thumbnails and a 2-D map.
+"""What the worker makes once after a job's clustering: thumbnails and a 2-D map for the
+pages, and the fitted model for assigning new images.
 
-Both are files in the job's folder (``app.storage``), deleted with the job:
+All are files in the job's folder (``app.storage``), deleted with the job:
 
 * ``thumbs.bin`` / ``thumbs.idx``: one small JPEG per image (longest side :data:`THUMB_SIZE`),
   concatenated in image order; ``thumbs.idx`` holds ``N + 1`` little-endian uint64 offsets, so
@@ -10,6 +11,10 @@ Both are files in the job's folder (``app.storage``), deleted with the job:
 * ``map.f32``: ``N x 2`` little-endian float32 in ``[0, 1]``, the features projected to 2-D
   (PCA to 50 dimensions, then t-SNE with openTSNE's FFT method; PCA alone when openTSNE is
   missing or there are too few images).
+* ``model.pt``: the fitted estimator (``SP2OTClustering.save``: its parameters, i.e. backbone
+  name and input size, and the head's ``K x d`` prototypes; in full mode the fine-tuned backbone
+  too), what ``POST /jobs/{id}/assign`` predicts new images with (:func:`save_model`). Written
+  only by an estimator that can ``save``.
 
 Thumbnails cost no decoding of their own: :class:`Thumbnails` is the ``on_decoded`` hook of the
 engine's verification pass (``ImageCollection.from_manifest(..., verify=True, on_decoded=...)``),
@@ -34,7 +39,7 @@ log = logging.getLogger("sp2ot.worker")
 
 THUMB_SIZE = 128
 THUMB_QUALITY = 75
-THUMBS_BIN, THUMBS_IDX, MAP_FILE = "thumbs.bin", "thumbs.idx", "map.f32"
+THUMBS_BIN, THUMBS_IDX, MAP_FILE, MODEL_FILE = "thumbs.bin", "thumbs.idx", "map.f32", "model.pt"
 _CHUNK = 256
 PCA_DIMS = 50
 TSNE_MIN_IMAGES = 10
@@ -205,3 +210,17 @@ def read_map(job_dir: Path) -> bytes | None:
         return (job_dir / MAP_FILE).read_bytes()
     except FileNotFoundError:
         return None
+
+
+def save_model(est, out_dir: Path) -> int | None:
+    """Save the fitted estimator as ``model.pt`` in ``out_dir`` (atomically: another attempt may
+    write at the same time). Returns its size in bytes, or None when the estimator cannot save."""
+    if not callable(getattr(est, "save", None)):
+        return None
+    tmp = out_dir / f"{MODEL_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        est.save(tmp)
+        os.replace(tmp, out_dir / MODEL_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return (out_dir / MODEL_FILE).stat().st_size

@@ -22,12 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from app.core.config import Settings
 from app.core.db import Database
 from app.errors import ApiError
-from app.jobs import repository
+from app.jobs import callbacks, repository
+from app.jobs.assigning import execute_assign
 from app.jobs.runner import execute_job
 
 log = logging.getLogger("sp2ot.queue")
 
 RUN_JOB_TASK = "sp2ot.run_job"
+RUN_ASSIGN_TASK = "sp2ot.run_assign"  # new images into a succeeded job's clusters (app.jobs.assigning)
+SEND_CALLBACK_TASK = "sp2ot.send_callback"  # a final job's completion callback (app.jobs.callbacks)
+#: The outcomes of execute_job after which a job is final (its callback may be due).
+FINAL_OUTCOMES = frozenset({"succeeded", "failed", "cancelled", "skipped"})
 
 
 class BrokerUnavailable(ApiError):
@@ -78,12 +83,27 @@ def make_celery(settings: Settings, *, set_as_current: bool = False):
     return app
 
 
+def send_callback_task(celery_app, settings: Settings, job_id: str, countdown: float = 0) -> None:
+    """Queue the delivery of the job's callback (``SEND_CALLBACK_TASK``, run by a worker)."""
+    celery_app.send_task(SEND_CALLBACK_TASK, args=[job_id], queue=settings.queue, countdown=countdown or None,
+                         task_id=f"callback-{job_id}-{int(time.time() * 1000)}")
+
+
 class JobQueue:
     """Where the API sends a job to be run, and what it can tell about the workers."""
 
     mode = "none"
 
     def submit(self, job_id: str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def submit_assign(self, request_id: str) -> None:  # pragma: no cover - interface
+        """Run an assign request (``app.jobs.assigning``)."""
+        raise NotImplementedError
+
+    def notify(self, job_id: str) -> None:  # pragma: no cover - interface
+        """Deliver the job's completion callback if one is due (``app.jobs.callbacks``), in the
+        background; never raises."""
         raise NotImplementedError
 
     def workers(self) -> tuple[bool, int, list[str], str | None]:  # pragma: no cover - interface
@@ -110,6 +130,8 @@ class EmbeddedQueue(JobQueue):
         self.settings = settings
         self.db = db
         self.pool = ThreadPoolExecutor(settings.embedded_workers, thread_name_prefix="sp2ot-job")
+        # Callbacks wait between their retries: threads of their own, so that no job waits for them.
+        self.callback_pool = ThreadPoolExecutor(2, thread_name_prefix="sp2ot-callback")
         self.name = f"in-process@{socket.gethostname()}"
         self._stopping = threading.Event()
 
@@ -118,11 +140,38 @@ class EmbeddedQueue(JobQueue):
             if self._stopping.is_set():
                 return
             try:
-                execute_job(job_id, db=self.db, settings=self.settings, worker_name=self.name, takeover=takeover)
+                outcome = execute_job(job_id, db=self.db, settings=self.settings, worker_name=self.name,
+                                      takeover=takeover)
             except Exception:  # execute_job records failures itself; this is a last resort
                 log.exception("job %s crashed", job_id)
+                outcome = "failed"
+            if outcome in FINAL_OUTCOMES:
+                self.notify(job_id)
 
         self.pool.submit(run)
+
+    def submit_assign(self, request_id: str) -> None:
+        def run() -> None:
+            if self._stopping.is_set():
+                return
+            try:
+                execute_assign(request_id, db=self.db, settings=self.settings)
+            except Exception:  # execute_assign records failures itself; this is a last resort
+                log.exception("assign request %s crashed", request_id)
+
+        self.pool.submit(run)
+
+    def notify(self, job_id: str) -> None:
+        def run() -> None:
+            try:
+                callbacks.deliver(job_id, db=self.db, settings=self.settings, stop=self._stopping)
+            except Exception:
+                log.exception("job %s: callback delivery crashed", job_id)
+
+        try:
+            self.callback_pool.submit(run)
+        except RuntimeError:  # shutting down
+            log.warning("job %s: callback not sent, the server is stopping", job_id)
 
     def recover(self, db: Database) -> None:
         """After a restart, run again the jobs this process had queued or was running (its
@@ -142,6 +191,7 @@ class EmbeddedQueue(JobQueue):
     def shutdown(self) -> None:
         self._stopping.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.callback_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class CeleryQueue(JobQueue):
@@ -152,20 +202,32 @@ class CeleryQueue(JobQueue):
         self.app = make_celery(settings)
 
     def submit(self, job_id: str) -> None:
+        self._send(RUN_JOB_TASK, job_id, f"job-{job_id}", "job")
+
+    def submit_assign(self, request_id: str) -> None:
+        self._send(RUN_ASSIGN_TASK, request_id, f"assign-{request_id}", "assign request")
+
+    def _send(self, task: str, object_id: str, task_prefix: str, what: str) -> None:
         try:
             self.app.send_task(
-                RUN_JOB_TASK,
-                args=[job_id],
+                task,
+                args=[object_id],
                 queue=self.settings.queue,
-                task_id=f"job-{job_id}-{int(time.time() * 1000)}",
+                task_id=f"{task_prefix}-{int(time.time() * 1000)}",
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
             )
         except Exception as e:
-            log.error("cannot queue job %s: %s", job_id, e)
+            log.error("cannot queue %s %s: %s", what, object_id, e)
             raise BrokerUnavailable(
-                "The job queue (broker) is unreachable, so the job was not created. Try again in a moment."
+                f"The job queue (broker) is unreachable, so the {what} was not created. Try again in a moment."
             ) from e
+
+    def notify(self, job_id: str) -> None:
+        try:
+            send_callback_task(self.app, self.settings, job_id)
+        except Exception:  # the job's state is what matters; its callback stays pending
+            log.warning("job %s: cannot queue its callback", job_id, exc_info=True)
 
     def broker(self):
         t0 = time.perf_counter()

@@ -64,6 +64,8 @@ class Reaper:
             if status is not None:
                 log.warning("job %s had no live worker: now %s", job_id, status)
                 out.settled.setdefault(status, []).append(job_id)
+            if status in (repository.FAILED, repository.CANCELLED):
+                self.queue.notify(job_id)  # its completion callback, if it has one (never raises)
         if self.settings.job_ttl_days or self.settings.dataset_ttl_days:
             report = cleanup(self.db, self.storage, self.settings)
             out.removed_jobs, out.removed_datasets = report.jobs, report.datasets

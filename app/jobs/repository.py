@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.security import Owner
-from app.models import Assignment, Job, JobStatus, utcnow
+from app.models import ApiKey, AssignRequest, Assignment, Job, JobStatus, utcnow
 
 log = logging.getLogger("sp2ot.jobs")
 
@@ -205,6 +205,7 @@ def delete_job(session: Session, job_id: str) -> None:
     """Delete the job and its result rows (its files are the caller's). A running attempt
     finds its row gone at its next write and stops."""
     session.execute(delete(Assignment).where(Assignment.job_id == job_id))
+    session.execute(delete(AssignRequest).where(AssignRequest.job_id == job_id))
     session.execute(delete(Job).where(Job.id == job_id))
 
 
@@ -413,3 +414,108 @@ def settle_abandoned(session: Session, job_id: str, *, heartbeat_timeout: float,
         return None
     log.warning("job %s: worker %s of attempt %d stopped answering", job_id, job.worker, job.attempts)
     return _give_up_attempt(session, job, max_attempts)
+
+
+# ------------------------------------------------------------------- completion callbacks
+CALLBACK_PENDING, CALLBACK_SENT, CALLBACK_FAILED = "pending", "sent", "failed"
+
+
+@dataclass(frozen=True)
+class CallbackDue:
+    """A final job whose callback is still to be delivered, and the owner key's hash (what its
+    signing secret is derived from, :func:`app.core.security.callback_secret`)."""
+
+    job: JobRecord
+    key_hash: str
+
+
+def callback_due(session: Session, job_id: str) -> CallbackDue | None:
+    """The job when it is final and its callback is pending, else None."""
+    row = session.execute(
+        select(*JOB_COLUMNS, ApiKey.key_hash).join(ApiKey, ApiKey.id == Job.owner_id)
+        .where(Job.id == job_id, Job.status.in_(JobStatus.TERMINAL), Job.callback_status == CALLBACK_PENDING)
+    ).mappings().first()
+    if row is None:
+        return None
+    fields = dict(row)
+    key_hash = fields.pop("key_hash")
+    return CallbackDue(JobRecord(**fields), key_hash)
+
+
+def take_callback_attempt(session: Session, job_id: str, attempts: int) -> bool:
+    """Count one delivery attempt (``attempts`` -> ``attempts + 1``) if no other sender took it
+    first: two senders of one job's callback never post the same attempt."""
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.callback_status == CALLBACK_PENDING,
+                          Job.callback_attempts == attempts)
+        .values(callback_attempts=attempts + 1)
+    )
+    return res.rowcount == 1
+
+
+def end_callback(session: Session, job_id: str, status: str, error: str | None = None) -> None:
+    """The callback was delivered (``sent``) or given up (``failed``, with why)."""
+    session.execute(update(Job).where(Job.id == job_id, Job.callback_status == CALLBACK_PENDING)
+                    .values(callback_status=status, callback_error=error))
+
+
+def note_callback_error(session: Session, job_id: str, error: str) -> None:
+    """Why the last delivery attempt failed (it will be retried)."""
+    session.execute(update(Job).where(Job.id == job_id).values(callback_error=error[:500]))
+
+
+# --------------------------------------------------- new images assigned to a finished job
+class AssignRecord(SimpleNamespace):
+    """An assign request as read: one attribute per column of ``assign_requests``."""
+
+
+_ASSIGN = select(*AssignRequest.__table__.c)
+
+
+def create_assign_request(session: Session, **fields: Any) -> AssignRecord:
+    """Insert a queued assign request and commit."""
+    session.add(AssignRequest(status=QUEUED, attempts=0, **fields))
+    session.commit()
+    return get_assign_request(session, fields["job_id"], fields["id"])
+
+
+def get_assign_request(conn, job_id: str, request_id: str) -> AssignRecord | None:
+    row = conn.execute(_ASSIGN.where(AssignRequest.id == request_id, AssignRequest.job_id == job_id)).mappings().first()
+    return AssignRecord(**row) if row is not None else None
+
+
+def delete_assign_request(session: Session, request_id: str) -> None:
+    session.execute(delete(AssignRequest).where(AssignRequest.id == request_id))
+
+
+def claim_assign_request(session: Session, request_id: str, stale_after: float) -> AssignRecord | None:
+    """queued -> running (``attempts + 1``); a request left running longer than ``stale_after``
+    seconds (its worker died and the broker delivered the message again) is taken over.
+    None: nothing to run (no such request, final, or another worker runs it)."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    row = session.execute(_ASSIGN.where(AssignRequest.id == request_id).with_for_update()).mappings().first()
+    if row is None:
+        return None
+    req = AssignRecord(**row)
+    if not (req.status == QUEUED or (req.status == RUNNING and _aware(req.started_at) < stale)):
+        return None
+    res = session.execute(
+        update(AssignRequest).where(AssignRequest.id == request_id, AssignRequest.attempts == req.attempts)
+        .values(status=RUNNING, attempts=req.attempts + 1, started_at=now, error=None)
+    )
+    if res.rowcount != 1:
+        return None
+    req.attempts += 1
+    return req
+
+
+def end_assign_request(session: Session, request_id: str, attempt: int, status: str, *,
+                       summary: dict[str, Any] | None = None, error: str | None = None) -> bool:
+    """running -> succeeded (with its summary) or failed (with why), for this attempt only."""
+    res = session.execute(
+        update(AssignRequest)
+        .where(AssignRequest.id == request_id, AssignRequest.status == RUNNING, AssignRequest.attempts == attempt)
+        .values(status=status, summary=summary, error=error, finished_at=utcnow())
+    )
+    return res.rowcount == 1

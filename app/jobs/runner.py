@@ -280,6 +280,7 @@ def execute_job(
             images = open_images(storage, run, job, thumbs)
             est.fit(images, progress=run.progress, should_stop=run.should_stop)
             made = _make_artifacts(storage, run, est, job, thumbs)
+            made["model"] = _save_model(run, est, storage)  # issue 11: POST /jobs/{id}/assign predicts with it
         except Cancelled:
             reason = run.stop_reason or "cancel"
             if reason == "cancel":
@@ -380,6 +381,16 @@ def _make_artifacts(storage: Storage, run: JobRun, est, job: repository.JobRecor
     if run.should_stop():
         raise Cancelled("stopped after making the thumbnails")
     return made
+
+
+def _save_model(run: JobRun, est, storage: Storage) -> bool:
+    """The fitted model as a job artifact (``app.jobs.artifacts.save_model``); a job whose model
+    cannot be saved still succeeds (its assign requests are refused with a 409)."""
+    try:
+        return artifacts.save_model(est, storage.job_dir(run.job_id)) is not None
+    except Exception:
+        log.warning("job %s: cannot save the fitted model", run.job_id, exc_info=True)
+        return False
 
 
 def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: repository.JobRecord,

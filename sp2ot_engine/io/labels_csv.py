@@ -4,6 +4,8 @@
   :func:`write_labels` / :func:`format_labels`, read by :func:`read_labels`. With
   ``cluster_names`` (the service, once a person named or edited the clusters) a fourth column
   ``cluster_name``; readers find the columns by name, so both shapes read the same.
+- **assignments** (new images assigned to a fitted model's clusters, :func:`write_assignments`):
+  the labels columns then ``outlier_score,outlier``; :func:`read_labels` reads it too.
 - **truth**: ``filename,label``; written by :func:`write_truth` (with a header), read by
   :func:`read_truth` (header optional); :func:`match_truth` matches its filenames to the
   names of a set of images (by path, or by an unambiguous base name).
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, TextIO
 
 __all__ = [
+    "ASSIGNMENTS_COLUMNS",
     "CONFIDENCE_DECIMALS",
     "LABELS_COLUMNS",
     "NAMED_LABELS_COLUMNS",
@@ -40,6 +43,7 @@ __all__ = [
     "read_labels",
     "read_truth",
     "spreadsheet_text",
+    "write_assignments",
     "write_labels",
     "write_truth",
 ]
@@ -249,3 +253,24 @@ def name_list(names: Sequence[str], n: int = NAMES_SHOWN) -> str:
     names = sorted(names)
     text = ", ".join(names[:n])
     return text + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+# ------------------------------------------------------------------- assignments of new images
+
+#: Columns of an assignments CSV (new images assigned to a fitted model's clusters): the labels
+#: columns, then ``outlier_score`` and ``outlier`` (``true``/``false``; both empty when the model
+#: has no outlier rule).
+ASSIGNMENTS_COLUMNS = (*LABELS_COLUMNS, "outlier_score", "outlier")
+
+
+def write_assignments(target: str | os.PathLike | TextIO, names: Sequence[str], labels: Sequence[int],
+                      confidences: Sequence[float], outlier_scores: Sequence[float] | None = None,
+                      outliers: Sequence[bool] | None = None, *, decimals: int = CONFIDENCE_DECIMALS) -> None:
+    """Write an assignments CSV (:data:`ASSIGNMENTS_COLUMNS`), like :func:`write_labels`."""
+    def rows():
+        for i, (name, cluster, conf) in enumerate(zip(names, labels, confidences)):
+            score = "" if outlier_scores is None else f"{float(outlier_scores[i]):.{decimals}f}"
+            flag = "" if outliers is None else ("true" if outliers[i] else "false")
+            yield name, int(cluster), f"{float(conf):.{decimals}f}", score, flag
+
+    _write(target, rows(), lambda batch, header: _csv_text(ASSIGNMENTS_COLUMNS if header else None, batch))

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from app import crud, exports, results
+from app import crud, exports, results, schemas
 from app.api import fairness
 from app.api.deps import (
     DatabaseDep,
@@ -26,6 +26,7 @@ from app.core.db import Database
 from app.core.security import Owner
 from app.errors import ApiError, Conflict, NotFound, UploadRejected
 from app.jobs import repository
+from app.jobs.callbacks import check_callback_url
 from app.jobs.repository import JobRecord
 from app.models import Dataset, JobStatus, new_id
 from app.schemas import (
@@ -57,25 +58,15 @@ ERRORS = {
 SPREADSHEET_SAFE = ("true: a file or cluster name starting with = + - @, a tab or a carriage return gets a ' in "
                     "front, so a spreadsheet opening the file runs no formula (the names then differ from the "
                     "archive's; keep false to join on file names)")
-TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "init", "seed", "dataset_id"}
+TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "init", "seed", "dataset_id", "callback_url"}
 
 
 def job_links(request: Request, job_id: str) -> dict[str, str]:
-    base = f"{request.scope.get('root_path', '')}/jobs/{job_id}"
-    return {"self": base, "labels": f"{base}/labels.csv", "metrics": f"{base}/metrics", "cancel": f"{base}/cancel"}
+    return schemas.job_links(request.scope.get("root_path", ""), job_id)
 
 
 def job_out(request: Request, job: JobRecord) -> JobOut:
-    return JobOut.model_validate({
-        "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
-        "n_images": job.n_images,
-        "options": {"n_clusters": job.n_clusters, "backbone": job.backbone, "mode": job.mode, "epochs": job.epochs,
-                    "formulation": job.formulation, "init": job.init, "seed": job.seed},
-        "has_truth": job.has_truth, "progress": job.progress or {}, "cancel_requested": job.cancel_requested,
-        "attempts": job.attempts, "error": job.error, "summary": job.summary,
-        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
-        "links": job_links(request, job.id),
-    })
+    return schemas.job_out(job, request.scope.get("root_path", ""))
 
 
 def _get_job_or_404(session, owner: Owner, job_id: str) -> JobRecord:
@@ -104,6 +95,8 @@ _MULTIPART_SCHEMA = {
         "formulation": {"type": "string", "enum": list(FORMULATIONS)},
         "init": {"type": "string", "enum": list(INITS)},
         "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "callback_url": {"type": "string", "description": "POSTed the job's JSON (signed) once it is final; "
+                                                          "its host must be in SP2OT_CALLBACK_ALLOWED_HOSTS"},
     },
 }
 # The enums it refers to are components of the document (the responses use them too).
@@ -156,7 +149,17 @@ def _job_options(params: JobParams, settings: Settings) -> dict[str, Any]:
         "formulation": params.formulation or settings.default_formulation,
         "init": params.init or settings.default_init,
         "seed": params.seed,
+        **_callback_options(params, settings),
     }
+
+
+def _callback_options(params: JobParams, settings: Settings) -> dict[str, Any]:
+    """The job's completion callback (``app.jobs.callbacks``): none, or its URL checked against
+    SP2OT_CALLBACK_ALLOWED_HOSTS (422) and pending."""
+    if not params.callback_url:
+        return {}
+    return {"callback_url": check_callback_url(params.callback_url, settings),
+            "callback_status": repository.CALLBACK_PENDING}
 
 
 def _check_k(n_clusters: int, n_images: int) -> None:
@@ -492,6 +495,8 @@ def cancel_job(job_id: str, request: Request, owner: OwnerDep, session: SessionD
         raise Conflict(f"Job {job.id} already {job.status}; there is nothing to cancel. Delete it with DELETE /jobs/{job.id}.")
     if job.status in JobStatus.ACTIVE:
         job = repository.request_cancel(session, job.id) or job
+        if job.status == JobStatus.CANCELLED:  # a queued job ends here, not in a worker
+            request.app.state.job_queue.notify(job.id)
     return job_out(request, job)
 
 
