@@ -8,9 +8,11 @@ classes, so that each set has its own head and tail classes:
 | name | source | imbalance | n_max | class order (largest first) | images |
 |---|---|---|---|---|---|
 | ``fmnist-lt100`` | Fashion-MNIST train | 100 | 6,000 | 0 1 2 ... 9 (the standard Fashion-MNIST-LT) | 14,886 |
-| ``fmnist-lt10-r`` | Fashion-MNIST train | 10 | 2,000 | 9 8 7 ... 0 | 7,789 |
-| ``fmnist-test-lt50`` | Fashion-MNIST test | 50 | 1,000 | 6 4 2 0 3 8 1 5 7 9 | 3,227 |
-| ``digits-lt10`` | scikit-learn digits | 10 | 174 | 3 1 4 5 9 2 6 8 0 7 | 681 |
+| ``fmnist-lt10-r`` | Fashion-MNIST train | 10 | 2,000 | 9 8 7 ... 0 | 8,169 |
+| ``fmnist-test-lt50`` | Fashion-MNIST test | 50 | 1,000 | 6 4 2 0 3 8 1 5 7 9 | 2,795 |
+| ``digits-lt10`` | scikit-learn digits | 10 | 174 | 3 1 4 5 9 2 6 8 0 7 | 707 |
+| ``fmnist-lt50-s`` (held out) | Fashion-MNIST train | 50 | 3,000 | 3 7 0 8 2 5 9 1 6 4 | 8,397 |
+| ``fmnist-test-lt10-s`` (held out) | Fashion-MNIST test | 10 | 1,000 | 8 0 5 2 9 6 3 1 7 4 | 4,084 |
 
 Features are the default backbone's (EfficientNet-Lite0, 224 px, white background) of every
 image of the source split, extracted once into ``benchmarks/.cache/`` (Fashion-MNIST: 70,000

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", default=None, metavar="FILE", help="local weight file for the backbone")
     c.add_argument("--mode", choices=MODES, default=Mode.FAST.value,
                    help="fast: frozen backbone, only the head trains (default); full: fine-tune the last block")
-    c.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 30 fast, 50 full)")
+    c.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 10 fast, 50 full)")
     c.add_argument("--formulation", choices=FORMULATIONS, default=Formulation.SP2OT.value,
                    help="transport formulation (default sp2ot)")
     c.add_argument("--init", choices=INITS, default=Init.AUTO.value,
