@@ -67,7 +67,9 @@ def estimator(**params) -> Callable[[np.ndarray, int, int], np.ndarray]:
     def run(x: np.ndarray, k: int, seed: int) -> np.ndarray:
         from sp2ot_engine import SP2OTClustering
 
-        return SP2OTClustering(k, random_state=seed, device="cpu", **params).fit(x).labels_
+        est = SP2OTClustering(k, random_state=seed, device="cpu", **params).fit(x)
+        run.last = {"start": est.start_, "start_scores": est.start_scores_}  # which start won, and by how much
+        return est.labels_
     run.params = params  # type: ignore[attr-defined]
     return run
 
@@ -114,7 +116,7 @@ def run_variant(name: str, fset, seeds: list[int]) -> list[dict]:
         labels = VARIANTS[name](fset.features, fset.n_classes, seed)
         secs = time.perf_counter() - t
         m = {k: float(v) for k, v in evaluate(fset.labels, labels).items()}
-        rows.append({"seed": seed, "seconds": secs, **m})
+        rows.append({"seed": seed, "seconds": secs, **m, **getattr(VARIANTS[name], "last", {})})
     return rows
 
 
