@@ -12,6 +12,9 @@ Each variant is a row of the table in ``benchmarks/README.md``: a baseline on th
 Prints, per set and variant, the mean and standard deviation over the seeds of ACC and the mean
 NMI / F1 / Head / Medium / Tail (percent, :func:`sp2ot_engine.metrics.evaluate`) and fit seconds;
 ``--json FILE`` keeps every seed's metrics, ``--markdown FILE`` the table.
+``--table FILE`` prints the table of a JSON-lines file without running anything: per set and
+variant, the rows of the newest commit that ran it (the README's table is made this way from
+``results/quality_sets.jsonl``).
 """
 from __future__ import annotations
 
@@ -127,6 +130,26 @@ def summary_line(set_name: str, name: str, rows: list[dict]) -> str:
             + " | ".join(f"{means[m]:.1f}" for m in METRICS[1:]) + f" | {np.mean([r['seconds'] for r in rows]):.1f} |")
 
 
+TABLE_HEAD = ["| set | variant | seeds | ACC (mean ± std) | NMI | F1 | Head | Medium | Tail | fit s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def table_of(path: Path) -> str:
+    """The markdown table of a ``--json`` file: per (set, variant), in the file's order, the rows
+    of the last commit that wrote any (rows without a commit count as one older run)."""
+    groups: dict[tuple[str, str], dict[str | None, list[dict]]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            groups.setdefault((r["set"], r["variant"]), {}).setdefault(r.get("commit"), []).append(r)
+    lines = list(TABLE_HEAD)
+    order = {name: i for i, name in enumerate(SETS + HELD_OUT)}
+    for (set_name, name), by_commit in sorted(groups.items(), key=lambda kv: order.get(kv[0][0], 99)):
+        rows = list(by_commit.values())[-1]
+        lines.append(summary_line(set_name, name, rows))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
@@ -136,7 +159,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="append every seed's metrics to this JSON-lines file")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", type=Path, help="print the table of this JSON-lines file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table_of(args.table))
+        return
     if args.list:
         print("variants:", ", ".join(VARIANTS))
         print("sets: dev =", ", ".join(SETS), "| held-out =", ", ".join(HELD_OUT))
@@ -154,8 +181,7 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip() or None
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    lines = ["| set | variant | seeds | ACC (mean ± std) | NMI | F1 | Head | Medium | Tail | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = list(TABLE_HEAD)
     print("\n".join(lines), flush=True)
     for set_name in sets:
         fset = load_set(set_name)
