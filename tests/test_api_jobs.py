@@ -65,7 +65,7 @@ def test_upload_poll_download(celery_stack):
     # Labels: one row per image, names exactly the archive's image names.
     r = c.get(f"/jobs/{job['id']}/labels.csv", headers=auth(key))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
-    assert r.text.startswith("filename,cluster,confidence\r\n")
+    assert r.text.startswith("filename,cluster,confidence,outlier_score,outlier,duplicate_of\r\n")
     rows = parse_labels_csv(r.text)
     assert sorted(row["filename"] for row in rows) == sorted(images)
     assert all(0 <= int(row["cluster"]) < 3 and 0.0 <= float(row["confidence"]) <= 1.0 for row in rows)
