@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sp2ot_engine.options import K_CRITERIA
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
     import scipy.sparse as sp
@@ -41,8 +43,6 @@ __all__ = [
     "spectral_eigenpairs",
 ]
 
-#: The criteria :func:`choose_k` knows, the default first.
-K_CRITERIA = ("silhouette-macro", "silhouette", "eigengap")
 #: At most this many clusters are tried by default: one eigenvector each in one solve.
 K_MAX_CAP = 50
 #: A cluster worth proposing has at least this many images on average (sets the default ``k_max``).
