@@ -252,9 +252,6 @@ def _cluster(args) -> int:
 
     if args.k is not None and (args.k_min is not None or args.k_max is not None):
         raise UsageError("give either -k (the number of clusters) or --k-min/--k-max (to choose it), not both")
-    for option, value in (("-k", args.k), ("--k-min", args.k_min), ("--k-max", args.k_max)):
-        if value is not None and value < 2:
-            raise UsageError(f"{option} must be at least 2, got {value}")
     if args.k_min is not None and args.k_max is not None and args.k_min > args.k_max:
         raise UsageError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     X = _load_matrix(Path(args.path)) if _is_npy(args.path) else args.path

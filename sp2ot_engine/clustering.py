@@ -241,6 +241,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         readable image, ``K`` larger than ``N``, ...).
         """
         t_start = time.perf_counter()
+        if self.n_clusters is None and self.k_min is not None and self.k_max is not None and self.k_min > self.k_max:
+            raise ValueError(f"k_min={self.k_min} is larger than k_max={self.k_max}: give k_min <= k_max")
         report = _Reporter(progress)
         seed = _seed(self.random_state)
         from sp2ot_engine.backbones import resolve_device
