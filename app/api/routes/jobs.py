@@ -289,9 +289,9 @@ async def create_job(
     """Upload images and start clustering them.
 
     * `multipart/form-data`: the images as an archive in field **archive** (zip, tar,
-      tar.gz, tar.bz2, tar.xz) or a **dataset_id**, plus **n_clusters** and the optional
-      fields backbone, mode, epochs, formulation, init, seed, and an optional ground-truth CSV
-      `filename,label` in field **truth**.
+      tar.gz, tar.bz2, tar.xz) or a **dataset_id**, plus **n_clusters** (or, to let the worker
+      choose K, nothing or **k_min**/**k_max**) and the optional fields backbone, mode, epochs,
+      formulation, init, seed, and an optional ground-truth CSV `filename,label` in field **truth**.
     * `application/json`: `{"dataset_id": "...", "n_clusters": 10, ...}`.
 
     Answers **202** with the job and its links; poll `GET /jobs/{id}`. With an
