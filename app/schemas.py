@@ -82,8 +82,8 @@ class KChoice(BaseModel):
     """How the worker chose K when the job did not give it."""
 
     chosen: int
-    criterion: str = Field(description="What was maximised (sp2ot_engine.auto_k; silhouette-macro: the mean over "
-                                       "clusters of their mean cosine silhouette).")
+    criterion: str = Field(description="What was maximised (sp2ot_engine.auto_k; modularity: Newman's modularity "
+                                       "of the spectral partition of the kNN graph into K).")
     k_min: int
     k_max: int
     curve: list[list[float]] = Field(description="[K, criterion] for every K tried.")

@@ -92,7 +92,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
     Parameters:
         n_clusters: number of clusters ``K`` (>= 2), or None to choose it in ``k_min..k_max``
             before training (:func:`sp2ot_engine.auto_k.choose_k`: the spectral partitions of
-            the cosine kNN graph scored by their cluster-averaged silhouette).
+            the cosine kNN graph scored by their modularity on the graph).
         k_min, k_max: the range ``K`` is chosen in when ``n_clusters`` is None (default
             ``2`` and ``clip(N // 20, 2, 50)``: clusters of 20 images on average at the most,
             :func:`sp2ot_engine.auto_k.default_k_range`); ignored when ``n_clusters`` is given.

@@ -80,10 +80,12 @@ class Init(StrEnum):
 
 class KCriterion(StrEnum):
     """What :func:`sp2ot_engine.auto_k.choose_k` maximises over ``K`` when the number of clusters
-    is left open: ``silhouette-macro`` (the mean over the spectral clusters of their mean cosine
-    silhouette; the default), ``silhouette`` (the mean over points) or ``eigengap`` (of the
-    normalised Laplacian of the kNN graph)."""
+    is left open: ``modularity`` (Newman's modularity of the spectral partition of the kNN graph;
+    the default), ``silhouette-macro`` (the mean over the spectral clusters of their mean cosine
+    silhouette), ``silhouette`` (the mean over points) or ``eigengap`` (of the normalised
+    Laplacian of the kNN graph)."""
 
+    MODULARITY = "modularity"
     SILHOUETTE_MACRO = "silhouette-macro"
     SILHOUETTE = "silhouette"
     EIGENGAP = "eigengap"

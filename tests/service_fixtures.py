@@ -123,7 +123,7 @@ class FakeClustering:
         # n_clusters=None: "chooses" k_min (a curve peaking there), as the engine reports a choice
         if n_clusters is None:
             self.k_curve_ = {k: 1.0 / (1 + abs(k - k_min)) for k in range(k_min, k_max + 1)}
-            self.k_criterion_ = "silhouette-macro"
+            self.k_criterion_ = "modularity"
             n_clusters = k_min
         if n_clusters < 2:
             raise ValueError("n_clusters must be >= 2")

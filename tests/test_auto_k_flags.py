@@ -92,7 +92,7 @@ def test_cli_without_k_prints_the_choice_and_writes_the_flag_columns(tmp_path, c
     assert main(["cluster", str(tmp_path / "f.npy"), "-o", str(out), "--quiet", "--epochs", "1",
                  "--init", "spectral", "--k-max", "8", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "K = 4 chosen in 2..8 by silhouette-macro" in printed
+    assert "K = 4 chosen in 2..8 by modularity" in printed
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     assert list(rows[0]) == ["filename", "cluster", "confidence", "outlier_score", "outlier", "duplicate_of"]
     n = len(x)
