@@ -1,9 +1,11 @@
 """Exports of a succeeded job's (possibly curated) clusters, each a stream of bytes:
 
-* ``csv``: as ``labels.csv`` (``filename,cluster,confidence``, and ``cluster_name`` once curated;
-  written by the engine's :mod:`sp2ot_engine.io.labels_csv`, the one owner of that format);
-* ``json``: ``{"images": [{filename, cluster, cluster_name, confidence}...], "clusters": [{id, name,
-  size, representatives: [filenames]}...], "curated": ..., "curation_edits": ...}``;
+* ``csv``: as ``labels.csv`` (``filename,cluster,confidence,outlier_score,outlier,duplicate_of``,
+  and ``cluster_name`` once curated; written by the engine's :mod:`sp2ot_engine.io.labels_csv`,
+  the one owner of that format);
+* ``json``: ``{"images": [{filename, cluster, cluster_name, confidence, outlier_score, outlier,
+  duplicate_of}...], "clusters": [{id, name, size, representatives: [filenames]}...], "curated":
+  ..., "curation_edits": ..., "k_choice": ...}`` (``k_choice``: how the worker chose K, or null);
 * ``labelstudio``: Label Studio's import JSON, one task per image with a prediction whose choice
   is the cluster name and whose score is the confidence;
 * ``zip``: ``labels.csv`` (as the csv export), one folder per cluster holding the original
@@ -41,7 +43,7 @@ LABEL_STUDIO_CONFIG = ('<View><Image name="image" value="$image"/><Choices name=
 
 
 def _rows(db: Database, job_id: str) -> Iterator[list]:
-    """Batches of ``(idx, filename, cluster, confidence)`` in image order."""
+    """Batches of ``(idx, filename, cluster, confidence, outlier_score, outlier, duplicate_of)`` in image order."""
     with db.session() as session:
         result = session.execute(results.rows_query(job_id).execution_options(yield_per=BATCH))
         while True:
@@ -57,25 +59,28 @@ def snapshot(db: Database, job: JobRecord) -> tuple[list[results.Cluster], resul
 
 
 def csv_stream(db: Database, job: JobRecord, curated: bool, spreadsheet_safe: bool = False) -> Iterator[bytes]:
-    """labels.csv (:func:`sp2ot_engine.io.labels_csv.format_labels`, confidences with 4 decimals);
-    when curated, a fourth column ``cluster_name`` (readers find columns by name); with
-    ``spreadsheet_safe`` names that would run as formulas are quoted there."""
+    """labels.csv (:func:`sp2ot_engine.io.labels_csv.format_labels`, confidences with 4 decimals,
+    the flag columns empty for a job clustered before they existed); when curated, a last
+    column ``cluster_name`` (readers find columns by name); with ``spreadsheet_safe`` names that
+    would run as formulas are quoted there."""
     names = {c.id: c.name for c in snapshot(db, job)[0]} if curated else None
     yield format_labels([], cluster_names=names).encode("utf-8")  # the header
     for rows in _rows(db, job.id):
-        yield format_labels(((f, c, p) for _, f, c, p in rows), header=False, cluster_names=names,
+        yield format_labels((row[1:] for row in rows), header=False, cluster_names=names,
                             spreadsheet_safe=spreadsheet_safe).encode("utf-8")
 
 
 def json_stream(db: Database, job: JobRecord) -> Iterator[bytes]:
     clusters, info = snapshot(db, job)
     names = {c.id: c.name for c in clusters}
-    head = {"job_id": job.id, "curated": info.curated, "curation_edits": info.edits}
+    head = {"job_id": job.id, "curated": info.curated, "curation_edits": info.edits,
+            "k_choice": (job.summary or {}).get("k_choice")}
     yield json.dumps(head)[:-1].encode() + b', "images": ['
     first = True
     for rows in _rows(db, job.id):
         parts = [json.dumps({"filename": f, "cluster": c, "cluster_name": names.get(c, results.display_name(c, {})),
-                             "confidence": round(p, 6)}) for _, f, c, p in rows]
+                             "confidence": round(p, 6), "outlier_score": None if s is None else round(s, 3),
+                             "outlier": o, "duplicate_of": d}) for _, f, c, p, s, o, d in rows]
         yield ((b"" if first else b", ") + ", ".join(parts).encode())
         first = False
     with db.read_session() as session:
@@ -95,7 +100,7 @@ def label_studio_stream(db: Database, job: JobRecord, image_url: str) -> Iterato
     first = True
     for rows in _rows(db, job.id):
         tasks = []
-        for idx, f, c, p in rows:
+        for idx, f, c, p, *_ in rows:
             name = names.get(c, results.display_name(c, {}))
             tasks.append(json.dumps({
                 "data": {"image": image_url.format(idx=idx), "filename": f},
@@ -175,7 +180,7 @@ def zip_stream(db: Database, job: JobRecord, stored: Path) -> Iterator[bytes]:
                     dest.write(chunk)
                     yield sink.take()
             for rows in _rows(db, job.id):
-                for _, filename, cluster, _ in rows:
+                for _, filename, cluster, *_ in rows:
                     i = bisect.bisect_left(names, filename)
                     try:
                         src = images.open_bytes(i) if names[i:i + 1] == [filename] else None

@@ -111,7 +111,11 @@ class Job(Base):
     owns_input: Mapped[bool] = mapped_column(Boolean, default=True)
     input_name: Mapped[str] = mapped_column(String(512), default="")
 
-    n_clusters: Mapped[int] = mapped_column(Integer)
+    # K as asked; when the user left it to the service (k_min/k_max set), None until the worker
+    # records the K it chose with the results.
+    n_clusters: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    k_min: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    k_max: Mapped[int | None] = mapped_column(Integer, nullable=True)
     backbone: Mapped[str] = mapped_column(String(100))
     mode: Mapped[str] = mapped_column(String(20))
     epochs: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -164,6 +168,10 @@ class Assignment(Base):
     filename: Mapped[str] = mapped_column(Text)
     cluster: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[float] = mapped_column(Float)
+    # The engine's flags (sp2ot_engine.flags); None for jobs clustered before they existed.
+    outlier_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outlier: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    duplicate_of: Mapped[str | None] = mapped_column(Text, nullable=True)  # the earlier image's filename
 
 
 class ClusterName(Base):

@@ -184,8 +184,10 @@ def labels_in_order(session: Session, job_id: str) -> list[int]:
 
 
 def rows_query(job_id: str):
-    """``(idx, filename, cluster, confidence)`` of every image, in image order (the exports stream it)."""
-    return select(*_IMAGE_COLUMNS).where(Assignment.job_id == job_id).order_by(Assignment.idx)
+    """``(idx, filename, cluster, confidence, outlier_score, outlier, duplicate_of)`` of every
+    image, in image order (the exports stream it; the flags are null for older jobs)."""
+    return (select(*_IMAGE_COLUMNS, Assignment.outlier_score, Assignment.outlier, Assignment.duplicate_of)
+            .where(Assignment.job_id == job_id).order_by(Assignment.idx))
 
 
 # ------------------------------------------------------------------------- evaluation

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer, model_validator
 
 from app.models import JobStatus
 from sp2ot_engine.options import PROGRESS_TYPES, Backbone, Formulation, Init, Mode
@@ -63,8 +63,14 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_clusters: int = Field(ge=2, le=MAX_CLUSTERS, description="Number of clusters K (2 <= K <= number of "
-                                                               "images, and at most SP2OT_MAX_CLUSTERS).")
+    n_clusters: int | None = Field(None, ge=2, le=MAX_CLUSTERS, description=(
+        "Number of clusters K (2 <= K <= number of images, and at most SP2OT_MAX_CLUSTERS); omit it to let the "
+        "worker choose K in k_min..k_max."))
+    k_min: int | None = Field(None, ge=2, le=MAX_CLUSTERS, description="Without n_clusters: the smallest K tried "
+                                                                      "(default 2).")
+    k_max: int | None = Field(None, ge=2, le=MAX_CLUSTERS, description=(
+        "Without n_clusters: the largest K tried (default: number of images // 20, between 2 and 50; "
+        "at most the number of images)."))
     backbone: Backbone | None = Field(None, description="Feature extractor (default efficientnet_lite0).")
     mode: Mode | None = Field(None, description="Training schedule (default fast).")
     epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="Training epochs (default: the mode's; "
@@ -76,6 +82,14 @@ class JobParams(BaseModel):
         "Where to POST the job's JSON once it succeeded, failed or was cancelled, signed with "
         "`X-SP2OT-Signature: sha256=<HMAC-SHA256 of the body>` (key: GET /callback-secret). Its host must be "
         "in SP2OT_CALLBACK_ALLOWED_HOSTS."))
+
+    @model_validator(mode="after")
+    def _k_or_range(self) -> "JobParams":
+        if self.n_clusters is not None and (self.k_min is not None or self.k_max is not None):
+            raise ValueError("give either n_clusters or k_min/k_max (to let the worker choose K), not both")
+        if self.k_min is not None and self.k_max is not None and self.k_min > self.k_max:
+            raise ValueError(f"k_min={self.k_min} is larger than k_max={self.k_max}: give k_min <= k_max")
+        return self
 
 
 class JobFromDataset(JobParams):
@@ -101,9 +115,23 @@ class SkippedFile(BaseModel):
     reason: str
 
 
+class KChoice(BaseModel):
+    """How the worker chose K when the job did not give it."""
+
+    chosen: int
+    criterion: str = Field(description="What was maximised (sp2ot_engine.auto_k; modularity: Newman's modularity "
+                                       "of the spectral partition of the kNN graph into K).")
+    k_min: int
+    k_max: int
+    curve: list[list[float]] = Field(description="[K, criterion] for every K tried.")
+
+
 class JobSummary(BaseModel):
     n_images: int
-    n_clusters: int
+    n_clusters: int = Field(description="The K used: asked, or chosen (see k_choice).")
+    k_choice: KChoice | None = Field(None, description="Set when the worker chose K.")
+    n_outliers: int | None = Field(None, description="Images flagged as outliers (far from every cluster).")
+    n_duplicates: int | None = Field(None, description="Images flagged as a (near-)duplicate of an earlier one.")
     cluster_sizes: list[int]
     n_skipped: int
     skipped: list[SkippedFile] = Field(description="Files not clustered and why (first 1000).")
@@ -116,7 +144,10 @@ class JobSummary(BaseModel):
 
 
 class JobOptions(BaseModel):
-    n_clusters: int
+    n_clusters: int | None = Field(description="K as asked, or as chosen once the job succeeded; None while the "
+                                               "worker has yet to choose it.")
+    k_min: int | None = Field(None, description="Set when the worker chooses K: the range it chooses in.")
+    k_max: int | None = None
     backbone: Backbone
     mode: Mode
     epochs: int | None
@@ -166,7 +197,7 @@ def job_out(job: Any, root_path: str = "") -> JobOut:
     return JobOut.model_validate({
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "input_name": job.input_name,
         "n_images": job.n_images,
-        "options": {"n_clusters": job.n_clusters, "backbone": job.backbone, "mode": job.mode, "epochs": job.epochs,
+        "options": {"n_clusters": job.n_clusters, "k_min": job.k_min, "k_max": job.k_max, "backbone": job.backbone, "mode": job.mode, "epochs": job.epochs,
                     "formulation": job.formulation, "init": job.init, "seed": job.seed},
         "has_truth": job.has_truth, "progress": job.progress or {}, "cancel_requested": job.cancel_requested,
         "attempts": job.attempts, "error": job.error, "summary": job.summary,
@@ -265,6 +296,7 @@ class MetricsOut(BaseModel):
     truth: TruthInfo | None = None
     curated: bool = Field(False, description="A person edited the clusters: sizes and metrics are the curated ones.")
     curation_edits: int = Field(0, description="How many curation edits are in force.")
+    k_choice: KChoice | None = Field(None, description="Set when the worker chose K: the criterion per K tried.")
 
 
 # -------------------------------------------------------------------------------- datasets

@@ -165,8 +165,8 @@ class Job:
 
     def labels(self, *, as_frame: bool | None = None):
         """The cluster of every image (labels.csv): a pandas DataFrame when pandas is installed
-        (``as_frame=False``: always rows), else a list of dicts (cluster an int, confidence a
-        float, other columns as text)."""
+        (``as_frame=False``: always rows), else a list of dicts (cluster an int, confidence and
+        outlier_score floats, outlier a bool, other columns as text)."""
         return _table(self.client.request("GET", f"/jobs/{self.id}/labels.csv").text, as_frame)
 
     def export(self, format: str = "json", *, to: str | os.PathLike | None = None):
@@ -264,6 +264,11 @@ def _table(text: str, as_frame: bool | None):
     for row in rows:
         row["cluster"] = int(row["cluster"])
         row["confidence"] = float(row["confidence"])
+        # the flags: empty for a job clustered before they existed
+        if row.get("outlier_score"):
+            row["outlier_score"] = float(row["outlier_score"])
+        if row.get("outlier"):
+            row["outlier"] = row["outlier"] == "true"
     return rows
 
 

@@ -2,7 +2,7 @@
 
 ::
 
-    sp2ot-engine cluster PATH -k K -o labels.csv [--backbone NAME] [--checkpoint FILE]
+    sp2ot-engine cluster PATH [-k K | --k-min A --k-max B] -o labels.csv [--backbone NAME] [--checkpoint FILE]
                  [--mode fast|full] [--epochs N] [--formulation sp2ot|p2ot|pot|uot|ot]
                  [--init auto|density|spectral|kmeans|random]
                  [--batch-size N] [--input-size N] [--device auto|cpu|cuda] [--seed N]
@@ -12,8 +12,11 @@
     sp2ot-engine benchmark [ARGS...]        (runs benchmarks/quality.py of a source checkout)
 
 ``PATH`` is a folder or archive (zip, tar, tar.gz, ...) of images, or a ``.npy`` file holding an
-``N x d`` feature matrix (its "filenames" are then the row numbers ``0..N-1``). ``assign`` puts
-new images into the clusters of a model saved by ``cluster --save-model`` without training:
+``N x d`` feature matrix (its "filenames" are then the row numbers ``0..N-1``). Without ``-k``
+the number of clusters is chosen in ``--k-min..--k-max`` (:mod:`sp2ot_engine.auto_k`) and the
+criterion's curve is printed. The CSV holds ``filename,cluster,confidence,outlier_score,outlier,
+duplicate_of`` (:mod:`sp2ot_engine.io.labels_csv`). ``assign`` puts new images into the clusters
+of a model saved by ``cluster --save-model`` without training:
 ``filename,cluster,confidence,outlier_score,outlier``.
 
 Exit codes: 0 success, 2 bad usage or input (the message says what), 1 runtime failure,
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sp2ot_engine.errors import Cancelled
-from sp2ot_engine.io.labels_csv import name_list, read_labels, read_truth, write_assignments, write_labels
+from sp2ot_engine.io.labels_csv import flagged_rows, name_list, read_labels, read_truth, write_assignments, write_labels
 from sp2ot_engine.options import BACKBONES, FORMULATIONS, INITS, MODES, Backbone, Formulation, Init, Mode, Stage
 
 SKIPPED_SHOWN = 20  # skipped files listed by name in the summary
@@ -128,14 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "cluster", help="cluster a folder/archive of images (or a .npy feature matrix) into K clusters",
-        description="Cluster images with SP2OT and write filename,cluster,confidence to a CSV.",
+        description="Cluster images with SP2OT and write filename,cluster,confidence,outlier_score,outlier,"
+                    "duplicate_of to a CSV.",
     )
     c.add_argument("path", metavar="PATH",
                    help="folder or archive (zip/tar/tar.gz/...) of images, or a .npy N x d feature matrix")
-    c.add_argument("-k", "--clusters", dest="k", type=_int, required=True, metavar="K",
-                   help="number of clusters (2 <= K <= number of images)")
+    c.add_argument("-k", "--clusters", "--n-clusters", dest="k", type=_int, default=None, metavar="K",
+                   help="number of clusters (2 <= K <= number of images); omit it to choose K")
+    c.add_argument("--k-min", type=_int, default=None, metavar="A",
+                   help="without -k: the smallest K tried (default 2)")
+    c.add_argument("--k-max", type=_int, default=None, metavar="B",
+                   help="without -k: the largest K tried (default N // 20, between 2 and 50)")
     c.add_argument("-o", "--output", required=True, metavar="labels.csv",
-                   help="output CSV (filename,cluster,confidence); written atomically")
+                   help="output CSV (filename,cluster,confidence,outlier_score,outlier,duplicate_of); "
+                        "written atomically")
     c.add_argument("--backbone", default=Backbone.EFFICIENTNET_LITE0.value,
                    help=f"feature backbone: {', '.join(BACKBONES)} (default {Backbone.EFFICIENTNET_LITE0}), "
                         "or a timm name together with --checkpoint")
@@ -260,19 +269,24 @@ def _cluster(args) -> int:
     if not os.path.exists(args.path):
         raise UsageError(f"{args.path} does not exist")
 
+    if args.k is not None and (args.k_min is not None or args.k_max is not None):
+        raise UsageError("give either -k (the number of clusters) or --k-min/--k-max (to choose it), not both")
+    if args.k_min is not None and args.k_max is not None and args.k_min > args.k_max:
+        raise UsageError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     X = _load_matrix(Path(args.path)) if _is_npy(args.path) else args.path
 
     from sp2ot_engine.clustering import SP2OTClustering
 
     est = SP2OTClustering(
-        args.k, backbone=args.backbone, checkpoint=args.checkpoint, mode=args.mode, epochs=args.epochs,
+        args.k, k_min=args.k_min, k_max=args.k_max, backbone=args.backbone, checkpoint=args.checkpoint, mode=args.mode, epochs=args.epochs,
         formulation=args.formulation, init=args.init, batch_size=args.batch_size, input_size=args.input_size,
         device=args.device, num_workers=args.workers, random_state=args.seed,
     )
     with _progress(enabled=not args.quiet) as progress:
         est.fit(X, progress=progress)
 
-    _write_labels_atomic(out, zip(est.filenames_, est.labels_, est.confidences_))
+    _write_labels_atomic(out, flagged_rows(est.filenames_, est.labels_, est.confidences_, est.outlier_scores_,
+                                           est.outliers_, est.duplicate_of_))
     if args.save_model:
         _save_model_atomic(est, Path(args.save_model))
 
@@ -399,11 +413,17 @@ def _print_summary(est, out: Path, args, seconds: float) -> None:
     n = len(est.filenames_)
     what = "rows" if _is_npy(args.path) else "images"
     print(f"clustered {n} {what} into {len(sizes)} clusters -> {out}")
+    if est.k_curve_:
+        print(f"K = {est.n_clusters_} chosen in {min(est.k_curve_)}..{max(est.k_curve_)} by {est.k_criterion_}: "
+              + " ".join(f"{k}:{v:.3f}" for k, v in est.k_curve_.items()))
     print("cluster sizes: " + " ".join(f"{i}:{s}" for i, s in enumerate(sizes)))
     nonzero = [s for s in sizes if s]
     if nonzero:
         empty = len(sizes) - len(nonzero)
         print(f"largest {max(nonzero)}, smallest {min(nonzero)}" + (f", {empty} empty" if empty else ""))
+    n_outliers = int(est.outliers_.sum())
+    n_duplicates = int((est.duplicate_of_ >= 0).sum())
+    print(f"flagged {n_outliers} outlier(s), {n_duplicates} duplicate(s) of an earlier {what[:-1]}")
     skipped = list(est.skipped_)
     if skipped:
         print(f"skipped {len(skipped)} file(s):")

@@ -22,7 +22,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from sp2ot_engine.auto_k import choose_k, k_range
 from sp2ot_engine.errors import Cancelled
+from sp2ot_engine.flags import DUPLICATE_THRESHOLD, OUTLIER_THRESHOLD, OutlierRule, duplicate_of, fit_outlier_rule
 from sp2ot_engine.io.archive import Manifest, upload_of_manifest
 from sp2ot_engine.io.collection import ImageCollection
 from sp2ot_engine.options import FORMULATIONS, INITS, KERNELS, MODES, PROGRESS_FIELDS, RHO_SCHEDULES
@@ -93,7 +95,12 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
     """Imbalance-aware clustering by SP2OT pseudo-label training (Zhang, Ren & He).
 
     Parameters:
-        n_clusters: number of clusters ``K`` (>= 2).
+        n_clusters: number of clusters ``K`` (>= 2), or None to choose it in ``k_min..k_max``
+            before training (:func:`sp2ot_engine.auto_k.choose_k`: the spectral partitions of
+            the cosine kNN graph scored by their modularity on the graph).
+        k_min, k_max: the range ``K`` is chosen in when ``n_clusters`` is None (default
+            ``2`` and ``clip(N // 20, 2, 50)``: clusters of 20 images on average at the most,
+            :func:`sp2ot_engine.auto_k.default_k_range`); ignored when ``n_clusters`` is given.
         backbone: feature backbone for images (``"efficientnet_lite0"``, ``"dino_vitb16"``,
             ``"dino_vits16"`` or a timm name with ``checkpoint``); ignored for feature matrices.
         checkpoint: local weight file for the backbone.
@@ -116,6 +123,11 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             splits large classes and merges small ones: ``benchmarks/README.md`` has the study.
             A graph start that cannot be made (fewer density modes than ``K``) falls back to the
             other, then to k-means; ``start_notes_`` says so.
+        outlier_threshold: modified z-score above which an image is an outlier
+            (:func:`sp2ot_engine.flags.outlier_scores`; default 3.5).
+        duplicate_threshold: cosine similarity of the features from which an image is a
+            near-duplicate of an earlier one (:func:`sp2ot_engine.flags.duplicate_of`; default
+            chosen with ``benchmarks/near_duplicates.py``).
         background: colour transparent pixels are flattened onto.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         num_workers: image-decoding worker processes.
@@ -131,11 +143,18 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         fitted_on_ (``"images"`` or ``"features"``), fit_seconds_, features_ (``N x d`` float32: the
         features the labels were predicted from, e.g. for a 2-D map of the images), start_ (the
         start the kept result was trained from), start_scores_ (mean cosine silhouette of each
-        trained start's labels, with ``init="auto"``), start_notes_ (why a start was not used).
+        trained start's labels, with ``init="auto"``), start_notes_ (why a start was not used),
+        n_clusters_ (the ``K`` used: ``n_clusters`` or the chosen one), k_curve_ (``{K: criterion}``
+        of the tried ``K`` when ``n_clusters`` is None, else ``{}``), k_criterion_ (its name or None),
+        outlier_scores_ (``N`` modified z-scores of the distance to the nearest cluster mean),
+        outliers_ (``N`` booleans: score above ``outlier_threshold``), duplicate_of_ (``N`` ints:
+        the index of the earlier image each one duplicates, ``-1`` for none).
     """
 
     _parameter_constraints: dict = {
-        "n_clusters": [Interval(Integral, 2, None, closed="left")],
+        "n_clusters": [Interval(Integral, 2, None, closed="left"), None],
+        "k_min": [Interval(Integral, 2, None, closed="left"), None],
+        "k_max": [Interval(Integral, 2, None, closed="left"), None],
         "backbone": [str],
         "checkpoint": [str, os.PathLike, None],
         "mode": [StrOptions(set(MODES))],
@@ -155,20 +174,27 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         "kernel": [StrOptions(set(KERNELS))],
         "input_size": [Interval(Integral, 1, None, closed="left"), None],
         "init": [StrOptions(set(INITS))],
+        "outlier_threshold": [Interval(Real, 0, None, closed="neither")],
+        "duplicate_threshold": [Interval(Real, -1, 1, closed="right")],
         "background": [str, tuple, list],
         "device": [str],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
         "random_state": ["random_state"],
     }
 
-    def __init__(self, n_clusters: int = 10, *, backbone: str = "efficientnet_lite0", checkpoint: str | None = None,
+    def __init__(self, n_clusters: int | None = 10, *, k_min: int | None = None, k_max: int | None = None,
+                 backbone: str = "efficientnet_lite0", checkpoint: str | None = None,
                  mode: str = "fast", epochs: int | None = None, formulation: str = "sp2ot", batch_size: int = 512,
                  bank_batches: int = 10, lr: float = 5e-4, lr_min: float = 5e-6, rho0: float = 0.1,
                  rho_schedule: str = "sigmoid", eps: float = 0.1, lam: float = 1.0, lam_s: float = 1000.0,
                  knn: int = 20, sigma: float = 2.0, kernel: str = "gaussian", input_size: int | None = None,
-                 init: str = "auto", background: str = "white", device: str = "auto", num_workers: int = 0,
+                 init: str = "auto", outlier_threshold: float = OUTLIER_THRESHOLD,
+                 duplicate_threshold: float = DUPLICATE_THRESHOLD, background: str = "white", device: str = "auto",
+                 num_workers: int = 0,
                  random_state: int | np.random.RandomState | None = 0) -> None:
         self.n_clusters = n_clusters
+        self.k_min = k_min
+        self.k_max = k_max
         self.backbone = backbone
         self.checkpoint = checkpoint
         self.mode = mode
@@ -188,6 +214,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         self.kernel = kernel
         self.input_size = input_size
         self.init = init
+        self.outlier_threshold = outlier_threshold
+        self.duplicate_threshold = duplicate_threshold
         self.background = background
         self.device = device
         self.num_workers = num_workers
@@ -197,7 +225,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
 
     def _config(self, n: int, seed: int) -> TrainConfig:
         epochs = self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.mode]
-        return TrainConfig(n_clusters=int(self.n_clusters), epochs=int(epochs), batch_size=min(self.batch_size, n),
+        return TrainConfig(n_clusters=int(self.n_clusters_), epochs=int(epochs), batch_size=min(self.batch_size, n),
                            bank_batches=self.bank_batches, lr=self.lr, lr_min=self.lr_min, rho0=self.rho0,
                            rho_kind=self.rho_schedule, eps=self.eps, lam=self.lam, lam_s0=self.lam_s,
                            formulation=self.formulation, seed=seed)
@@ -218,6 +246,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         readable image, ``K`` larger than ``N``, ...).
         """
         t_start = time.perf_counter()
+        if self.n_clusters is None and self.k_min is not None and self.k_max is not None and self.k_min > self.k_max:
+            raise ValueError(f"k_min={self.k_min} is larger than k_max={self.k_max}: give k_min <= k_max")
         report = _Reporter(progress)
         seed = _seed(self.random_state)
         from sp2ot_engine.backbones import resolve_device
@@ -241,14 +271,21 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             self.skipped_ = []
             self.fitted_on_ = "features"
         n = features.shape[0]
-        if self.n_clusters > n:
+        if self.n_clusters is not None and self.n_clusters > n:
             raise ValueError(f"n_clusters={self.n_clusters} is larger than the number of samples ({n}): "
                              f"ask for at most {n} clusters")
-        cfg = self._config(n, seed)
+        if self.n_clusters is None:
+            k_bounds = k_range(n, self.k_min, self.k_max)  # bad ranges fail before any graph is built
 
         plan = list(AUTO_STARTS) if self.init == "auto" else [str(self.init)]
         self.start_notes_ = []
         start_graph, graph = self._graphs(features, plan, report, device)
+        self.k_curve_, self.k_criterion_ = {}, None
+        if self.n_clusters is None:
+            self.n_clusters_ = self._choose_k(features, start_graph, k_bounds, seed, report)
+        else:
+            self.n_clusters_ = int(self.n_clusters)
+        cfg = self._config(n, seed)
         starts = self._start_prototypes(features, plan, start_graph, seed, report)
         if self.mode == "full" and len(starts) > 1:  # one full-mode training: the start with the best raw silhouette
             best = max(starts, key=lambda s: s[2])
@@ -286,6 +323,11 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         self.confidences_ = assignment_confidence(logits, self.labels_, cfg)
         self.cluster_sizes_ = np.bincount(self.labels_, minlength=cfg.n_clusters)
         self.features_ = features.detach().cpu().numpy()  # a view of the tensor: no copy
+        self.outlier_rule_ = fit_outlier_rule(self.features_, self.labels_)
+        self.outlier_scores_ = self.outlier_rule_.scores(self.features_)
+        self.outliers_ = self.outlier_scores_ > self.outlier_threshold
+        self.duplicate_of_ = (duplicate_of(start_graph, self.duplicate_threshold) if start_graph is not None
+                              else np.full(n, -1, dtype=np.int64))
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.head_state_ = {k: v.detach().cpu() for k, v in head.state_dict().items()}
@@ -338,11 +380,14 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
                            outliers=None if outliers is None else outliers[1])
 
     def _outliers_of(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-        """Outlier hook of :meth:`predict_assignments`: ``(scores, flags)`` (``N`` floats,
-        ``N`` bools) of new samples by the rule the fit used for its own images, or None when
-        the model has no outlier rule (this version: the per-image outlier flag is not in the
-        engine yet, so assignments carry no outlier column values)."""
-        return None
+        """``(scores, flags)`` (``N`` floats, ``N`` bools) of new samples by the rule the fit used
+        for its own images (:class:`~sp2ot_engine.flags.OutlierRule`), or None for a model
+        saved without one."""
+        rule = getattr(self, "outlier_rule_", None)
+        if rule is None:
+            return None
+        scores = rule.scores(features.detach().cpu().numpy())
+        return scores, scores > self.outlier_threshold
 
     def _predict_logits(self, X, report: "_Reporter | None" = None, *, with_features: bool = False):
         """Head logits (``N x K``) and, for images, their names; ``with_features``: also the
@@ -371,7 +416,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         else:
             features = self._as_features(X, reset=False)
         report({"stage": "predicting", "percent": 0.0})
-        head = CosineHead(self.n_features_in_, int(self.n_clusters), generator=torch.Generator())
+        head = CosineHead(self.n_features_in_, self._fitted_k(), generator=torch.Generator())
         head.load_state_dict(self.head_state_)
         logits = predict_logits(head.to(device), features, device)
         return (logits, names, features, skipped) if with_features else (logits, names)
@@ -387,7 +432,9 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             params["random_state"] = None
         state = {"params": params, "head_state": self.head_state_, "encoder_state": self.encoder_state_,
                  "n_features_in": self.n_features_in_, "cluster_sizes": self.cluster_sizes_.tolist(),
-                 "fitted_on": getattr(self, "fitted_on_", "images"), "version": 1}
+                 "fitted_on": getattr(self, "fitted_on_", "images"), "n_clusters": self._fitted_k(), "version": 1,
+                 "outlier_rule": {k: torch.from_numpy(v) for k, v in self.outlier_rule_.as_arrays().items()}
+                 if getattr(self, "outlier_rule_", None) is not None else None}
         torch.save(state, os.fspath(path))
 
     @classmethod
@@ -405,6 +452,9 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         est.n_features_in_ = state["n_features_in"]
         est.cluster_sizes_ = np.asarray(state["cluster_sizes"])
         est.fitted_on_ = state["fitted_on"]
+        est.n_clusters_ = int(state.get("n_clusters") or len(est.cluster_sizes_))
+        rule = state.get("outlier_rule")
+        est.outlier_rule_ = OutlierRule(**{k: v.numpy() for k, v in rule.items()}) if rule else None
         return est
 
     # ------------------------------------------------------------------------------ helpers
@@ -416,6 +466,22 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             X = X.detach().cpu().numpy()
         x = validate_data(self, X, dtype=np.float32, order="C", ensure_min_samples=2 if reset else 1, reset=reset)
         return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+    def _fitted_k(self) -> int:
+        """The ``K`` of the fitted head (``n_clusters_``; a model saved before it: ``n_clusters``)."""
+        return int(getattr(self, "n_clusters_", None) or self.n_clusters)
+
+    def _choose_k(self, features: torch.Tensor, graph, k_bounds: tuple[int, int], seed: int,
+                  report: "_Reporter") -> int:
+        """``K`` chosen on the cosine kNN graph (sets ``k_curve_`` and ``k_criterion_``)."""
+        if graph is None:
+            raise ValueError("n_clusters=None chooses K on the cosine kNN graph, which cannot be built when "
+                             "some features are all zero: give n_clusters")
+        report({"stage": "starts", "percent": 0.0})
+        choice = choose_k(graph, features.numpy(), *k_bounds, random_state=seed)
+        self.k_curve_ = {int(k): float(v) for k, v in choice.curve.items()}
+        self.k_criterion_ = choice.criterion
+        return choice.k
 
     def _scan(self, X, report: "_Reporter") -> tuple[ImageCollection, bool]:
         """The images of ``X`` and whether they are this call's to close: an
@@ -447,23 +513,23 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         return collection, owned
 
     def _graphs(self, features: torch.Tensor, plan: list[str], report: "_Reporter", device: torch.device):
-        """The cosine kNN graph the graph starts need, and the graph of SP2OT's semantic term
-        (the same one when ``kernel="cosine"``); ``None`` where not needed."""
+        """The cosine kNN graph (the graph starts, the choice of ``K`` and the duplicate flags
+        use it; None when some features are all zero) and the graph of SP2OT's semantic term
+        (the same one when ``kernel="cosine"``; None for the other formulations)."""
         from sp2ot_engine.graph import knn_graph
 
         n = features.shape[0]
         k = min(self.knn, n - 1)
         where = device if device.type == "cuda" else "cpu"
         start_graph = graph = None
-        wants_cosine = any(s in ("density", "spectral") for s in plan) or (
-            self.formulation == "sp2ot" and self.kernel == "cosine")
-        if wants_cosine and bool((torch.linalg.vector_norm(features, dim=1) == 0).any()):
+        has_zero_rows = bool((torch.linalg.vector_norm(features, dim=1) == 0).any())
+        if has_zero_rows:
             # a cosine graph has no edge for an all-zero feature: use k-means, and the Gaussian kernel
-            self.start_notes_.append("some features are all zero: no cosine kNN graph, so no graph start")
-            wants_cosine = False
+            self.start_notes_.append("some features are all zero: no cosine kNN graph, so no graph start "
+                                     "and no duplicate flags")
             if any(s in ("density", "spectral") for s in plan):
                 plan[:] = ["kmeans"]
-        if wants_cosine:
+        else:
             report({"stage": "graph", "percent": 0.0})
             start_graph = knn_graph(features, k=k, kernel="cosine", device=where)
         if self.formulation == "sp2ot":
@@ -479,7 +545,7 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         partition or 0)`` for each start of ``plan`` that can be made; k-means when none can."""
         from sp2ot_engine.starts import FewModes, density_modes, partition_means, spectral_partition
 
-        k = int(self.n_clusters)
+        k = int(self.n_clusters_)
         out = []
         for i, name in enumerate(plan):
             report({"stage": "starts", "percent": 100.0 * i / len(plan)})

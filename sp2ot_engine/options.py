@@ -18,6 +18,7 @@ __all__ = [
     "BACKBONES",
     "FORMULATIONS",
     "INITS",
+    "K_CRITERIA",
     "KERNELS",
     "MODES",
     "PROGRESS_FIELDS",
@@ -28,6 +29,7 @@ __all__ = [
     "Backbone",
     "Formulation",
     "Init",
+    "KCriterion",
     "Kernel",
     "Mode",
     "ProgressField",
@@ -74,6 +76,19 @@ class Init(StrEnum):
     SPECTRAL = "spectral"
     KMEANS = "kmeans"
     RANDOM = "random"
+
+
+class KCriterion(StrEnum):
+    """What :func:`sp2ot_engine.auto_k.choose_k` maximises over ``K`` when the number of clusters
+    is left open: ``modularity`` (Newman's modularity of the spectral partition of the kNN graph;
+    the default), ``silhouette-macro`` (the mean over the spectral clusters of their mean cosine
+    silhouette), ``silhouette`` (the mean over points) or ``eigengap`` (of the normalised
+    Laplacian of the kNN graph)."""
+
+    MODULARITY = "modularity"
+    SILHOUETTE_MACRO = "silhouette-macro"
+    SILHOUETTE = "silhouette"
+    EIGENGAP = "eigengap"
 
 
 class Kernel(StrEnum):
@@ -130,6 +145,7 @@ FORMULATIONS: tuple[str, ...] = tuple(f.value for f in Formulation)
 TRANSPORT_FORMULATIONS: tuple[str, ...] = tuple(f.value for f in Formulation if f is not Formulation.SP2OT)
 INITS: tuple[str, ...] = tuple(i.value for i in Init)
 KERNELS: tuple[str, ...] = tuple(k.value for k in Kernel)
+K_CRITERIA: tuple[str, ...] = tuple(c.value for c in KCriterion)
 RHO_SCHEDULES: tuple[str, ...] = tuple(r.value for r in RhoSchedule)
 BACKBONES: tuple[str, ...] = tuple(b.value for b in Backbone)
 PROGRESS_FIELDS: tuple[str, ...] = tuple(p.value for p in ProgressField)

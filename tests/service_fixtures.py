@@ -120,10 +120,15 @@ class FakeClustering:
     worker subprocess can use it too)."""
 
     def __init__(self, n_clusters, backbone="efficientnet_lite0", mode="fast", epochs=None, formulation="sp2ot",
-                 init="auto", device="auto", random_state=0, batch_size=64, num_workers=0):
+                 init="auto", device="auto", random_state=0, batch_size=64, num_workers=0, k_min=None, k_max=None):
+        # n_clusters=None: "chooses" k_min (a curve peaking there), as the engine reports a choice
+        if n_clusters is None:
+            self.k_curve_ = {k: 1.0 / (1 + abs(k - k_min)) for k in range(k_min, k_max + 1)}
+            self.k_criterion_ = "modularity"
+            n_clusters = k_min
         if n_clusters < 2:
             raise ValueError("n_clusters must be >= 2")
-        self.n_clusters = n_clusters
+        self.n_clusters = self.n_clusters_ = n_clusters
         self.epochs = epochs or 2
 
     def fit(self, path, progress=None, should_stop=None):
@@ -167,6 +172,11 @@ class FakeClustering:
         self.features_ = np.eye(self.n_clusters, dtype=np.float32)[self.labels_] + 0.01 * np.arange(len(labels))[:, None]
         self.confidences_ = np.linspace(0.95, 0.5, len(labels))
         self.cluster_sizes_ = np.bincount(self.labels_, minlength=self.n_clusters)
+        # flags like the engine's: the last image an outlier, every image after the first a duplicate of it
+        # when the file names say "copy"
+        self.outlier_scores_ = np.r_[np.zeros(len(labels) - 1), [9.0]]
+        self.outliers_ = self.outlier_scores_ > 3.5
+        self.duplicate_of_ = np.array([0 if i and "copy" in n else -1 for i, n in enumerate(coll.names)], dtype=np.int64)
         self.skipped_ = list(coll.skipped)
         if owned:
             coll.close()

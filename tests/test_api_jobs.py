@@ -65,7 +65,7 @@ def test_upload_poll_download(celery_stack):
     # Labels: one row per image, names exactly the archive's image names.
     r = c.get(f"/jobs/{job['id']}/labels.csv", headers=auth(key))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
-    assert r.text.startswith("filename,cluster,confidence\r\n")
+    assert r.text.startswith("filename,cluster,confidence,outlier_score,outlier,duplicate_of\r\n")
     rows = parse_labels_csv(r.text)
     assert sorted(row["filename"] for row in rows) == sorted(images)
     assert all(0 <= int(row["cluster"]) < 3 and 0.0 <= float(row["confidence"]) <= 1.0 for row in rows)
@@ -90,6 +90,26 @@ def test_upload_poll_download(celery_stack):
     assert c.delete(f"/jobs/{job['id']}", headers=auth(key)).status_code == 204
     assert assignment_rows(db, job["id"]) == []
     assert not (celery_stack["data_dir"] / "jobs" / job["id"]).exists()
+
+
+def test_a_job_without_k_runs_the_engine_choice_and_records_it(celery_stack):
+    """The real engine behind the worker: K chosen in k_min..k_max, written back as the job's K,
+    the curve in the summary, an exact copy flagged in labels.csv."""
+    c, key = celery_stack["client"], celery_stack["key"]
+    images = image_set(24)
+    images["zz_copy.png"] = images["img_000_red_circle.png"]
+    r = upload_job(c, key, make_zip(images), "auto.zip", k_min=2, k_max=4, **ENGINE_OPTIONS)
+    assert r.status_code == 202, r.text
+    job = wait_for(c, key, r.json()["id"], timeout=180)
+    assert job["status"] == "succeeded", job
+    choice = job["summary"]["k_choice"]
+    assert [k for k, _ in choice["curve"]] == [2, 3, 4] and choice["chosen"] in (2, 3, 4)
+    assert job["options"]["n_clusters"] == choice["chosen"] == len(job["summary"]["cluster_sizes"])
+    rows = {row["filename"]: row for row in parse_labels_csv(c.get(f"/jobs/{job['id']}/labels.csv",
+                                                                    headers=auth(key)).text)}
+    if "Fake" not in celery_stack["env"].get("SP2OT_ESTIMATOR", ""):
+        assert choice["criterion"] == "modularity"
+    assert rows["zz_copy.png"]["duplicate_of"] == "img_000_red_circle.png"
 
 
 def test_dataset_then_jobs_from_json(celery_stack):

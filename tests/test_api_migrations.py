@@ -93,8 +93,8 @@ def test_last_used_of_existing_datasets_is_filled_in(tmp_path):
 
 def test_revisions_form_one_chain_each_step_up_and_down(tmp_path):
     """One head, one line (the web UI's 0003_curation, the job option init 0004, the per-key
-    upload usage 0005, callbacks and assign requests 0006): a
-    database at any earlier revision upgrades to the head, and every step goes back down."""
+    upload usage 0005, callbacks and assign requests 0006, the chosen K and the image flags
+    0007): a database at any earlier revision upgrades to the head, and every step goes back down."""
     from alembic import command
     from alembic.script import ScriptDirectory
     from sqlalchemy import text
@@ -107,7 +107,8 @@ def test_revisions_form_one_chain_each_step_up_and_down(tmp_path):
     chain = [rev.revision for rev in script.walk_revisions("base", "heads")][::-1]
     assert script.get_heads() == [chain[-1]] and len(set(chain)) == len(chain)
     assert [script.get_revision(r).down_revision for r in chain] == [None, *chain[:-1]]
-    assert chain[2:] == ["0003_curation", "0004_job_init", "0005_upload_usage", "0006_assign_and_callbacks"]
+    assert chain[2:] == ["0003_curation", "0004_job_init", "0005_upload_usage", "0006_assign_and_callbacks",
+                         "0007_auto_k_flags"]
     engine = create_engine(settings.sqlalchemy_url)
     try:
         for rev in chain:  # from each earlier revision, one step up
@@ -130,6 +131,8 @@ def test_revisions_form_one_chain_each_step_up_and_down(tmp_path):
             assert conn.execute(text("SELECT init FROM jobs")).scalar_one() == "auto"
             # older jobs have no callback, and no attempt of one
             assert tuple(conn.execute(text("SELECT callback_url, callback_attempts FROM jobs")).one()) == (None, 0)
+            # an older job keeps its K and has no range; its images no flags
+            assert conn.execute(text("SELECT n_clusters, k_min, k_max FROM jobs")).one() == (2, None, None)
     finally:
         engine.dispose()
     assert _diff(settings.sqlalchemy_url) == []

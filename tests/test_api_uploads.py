@@ -220,8 +220,12 @@ def test_bad_n_clusters(api, nothing_left, k, expected):
     assert expected in detail
 
 
-def test_missing_n_clusters_and_unknown_fields(api, nothing_left):
-    assert "n_clusters" in _detail(upload_job(api["client"], api["key"], make_zip(image_set(4))), 422)
+def test_bad_k_range_and_unknown_fields(api, nothing_left):
+    # n_clusters may be missing (the worker chooses K), but not its range beyond the images
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), k_max=5), 422)
+    assert "k_max=5 is larger than the number of images (4)" in detail
+    detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), k_min=3, k_max=2), 422)
+    assert "k_min=3 is larger than k_max=2" in detail
     detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, nclusters=2), 422)
     assert "Unknown form field 'nclusters'" in detail
     detail = _detail(upload_job(api["client"], api["key"], make_zip(image_set(4)), n_clusters=2, epochs=-1), 422)
@@ -464,7 +468,8 @@ def test_labels_csv_streams_many_rows_in_order(api):
     r = api["client"].get(f"/jobs/{job_id}/labels.csv", headers=auth(api["key"]))
     assert r.status_code == 200
     rows = list(csv.reader(io.StringIO(r.text)))
-    assert rows[0] == ["filename", "cluster", "confidence"]
+    assert rows[0] == ["filename", "cluster", "confidence", "outlier_score", "outlier", "duplicate_of"]
+    assert {tuple(row[3:]) for row in rows[1:]} == {("", "", "")}  # rows written without flags (an older job)
     assert [row[0] for row in rows[1:]] == names
     assert [int(row[1]) for row in rows[1:]] == [i % 7 for i in range(n)]
     assert api["client"].delete(f"/jobs/{job_id}", headers=auth(api["key"])).status_code == 204

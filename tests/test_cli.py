@@ -92,11 +92,12 @@ def test_cluster_images_end_to_end(tmp_path, capsys):
     assert code == 0, captured.err
 
     rows = _read_csv(out)
-    assert rows[0] == ["filename", "cluster", "confidence"]
+    assert rows[0] == ["filename", "cluster", "confidence", "outlier_score", "outlier", "duplicate_of"]
     body = rows[1:]
     assert len(body) == 30
     assert sorted(r[0] for r in body) == sorted(truth)
-    for name, cluster, confidence in body:
+    for name, cluster, confidence, score, outlier, duplicate_of in body:
+        assert outlier in ("true", "false") and float(score) == float(score) and duplicate_of in ("", *truth)
         assert 0 <= int(cluster) < 3
         assert 0.0 <= float(confidence) <= 1.0
         assert len(confidence.split(".")[1]) == 4, confidence
@@ -140,7 +141,7 @@ def test_cluster_feature_matrix(tmp_path, capsys):
     assert code == 0, captured.err
     assert "training" not in captured.err  # --quiet: no progress bars
     rows = _read_csv(out)
-    assert rows[0] == ["filename", "cluster", "confidence"]
+    assert rows[0] == ["filename", "cluster", "confidence", "outlier_score", "outlier", "duplicate_of"]
     assert [r[0] for r in rows[1:]] == [str(i) for i in range(60)]  # row numbers, in order
     _assert_pure({str(i): int(g) for i, g in enumerate(y)}, {r[0]: int(r[1]) for r in rows[1:]}, 3)
     assert "60 rows" in captured.out
@@ -171,7 +172,7 @@ def test_assign_new_images_to_a_saved_model(tmp_path, capsys):
     rows = _read_csv(out)
     assert rows[0] == ["filename", "cluster", "confidence", "outlier_score", "outlier"]
     assert {r[0]: int(r[1]) for r in rows[1:]} == expected
-    assert all(0.0 < float(r[2]) <= 1.0 and r[3] == "" and r[4] == "" for r in rows[1:])
+    assert all(0.0 < float(r[2]) <= 1.0 and r[4] == ("true" if float(r[3]) > 3.5 else "false") for r in rows[1:])
     assert "assigned 12 images" in captured.out and "broken.png" in captured.out
     _no_leftovers(tmp_path)
 
@@ -246,6 +247,8 @@ def test_failed_run_keeps_the_previous_csv(tmp_path, capsys, monkeypatch):
         self.filenames_, self.labels_ = ["0", "1"], np.array([0, 1])
         self.confidences_ = np.array([0.5, 0.5])
         self.cluster_sizes_, self.skipped_ = np.array([1, 1]), []
+        self.outlier_scores_, self.outliers_ = np.zeros(2), np.zeros(2, dtype=bool)
+        self.duplicate_of_ = np.array([-1, -1])
         return self
 
     monkeypatch.setattr(SP2OTClustering, "fit", broken_fit)

@@ -36,10 +36,12 @@ def test_submit_wait_labels_export_assign(celery_stack, tmp_path, capsys):
     assert info["status"] == "succeeded" and "100%" in capsys.readouterr().err  # the progress bar
 
     frame = job.labels()  # pandas is installed (dev extra): a DataFrame
-    assert list(frame.columns) == ["filename", "cluster", "confidence"] and len(frame) == 24
+    assert list(frame.columns) == ["filename", "cluster", "confidence", "outlier_score", "outlier", "duplicate_of"]
+    assert len(frame) == 24
     rows = job.labels(as_frame=False)
     assert sorted(r["filename"] for r in rows) == sorted(images) and all(isinstance(r["cluster"], int) for r in rows)
     assert frame["cluster"].tolist() == [r["cluster"] for r in rows]
+    assert all(isinstance(r["outlier"], bool) and isinstance(r["outlier_score"], float) for r in rows)
     assert job.metrics()["evaluation"]["acc"] == pytest.approx(1.0)
 
     exported = job.export("json")

@@ -329,7 +329,7 @@ def test_spreadsheet_text_quotes_every_formula_start():
         assert spreadsheet_text(start + "x") == "'" + start + "x"
     assert spreadsheet_text("a=b") == "a=b" and spreadsheet_text("") == ""
     text = format_labels([("=1+1.png", 0, 0.5)], cluster_names={0: "-bad"}, spreadsheet_safe=True)
-    assert text.splitlines()[1] == "'=1+1.png,0,0.5000,'-bad"
+    assert text.splitlines()[1] == "'=1+1.png,0,0.5000,,,,'-bad"  # the flag columns empty for rows without them
 
 
 # ------------------------------------------------------------------------ deleting a running job

@@ -23,7 +23,8 @@ def test_labels_round_trip_with_awkward_names(tmp_path):
     path = tmp_path / "labels.csv"
     write_labels(path, rows)
     text = path.read_bytes().decode("utf-8")
-    assert text.startswith("filename,cluster,confidence\r\na.png,0,0.9123\r\n")
+    # rows without the flags (a job clustered before they existed): their fields are empty
+    assert text.startswith("filename,cluster,confidence,outlier_score,outlier,duplicate_of\r\na.png,0,0.9123,,,\r\n")
     assert read_labels(path) == {name: str(cluster) for name, cluster, _ in rows}
 
 
@@ -33,17 +34,17 @@ def test_streamed_chunks_equal_one_file(tmp_path):
     buf = io.StringIO(newline="")
     write_labels(buf, rows)
     assert buf.getvalue() == chunks == format_labels(rows)
-    assert format_labels([], decimals=6) == "filename,cluster,confidence\r\n"
-    assert format_labels([("x", 1, 0.5)], header=False, decimals=6) == "x,1,0.500000\r\n"
+    assert format_labels([], decimals=6) == "filename,cluster,confidence,outlier_score,outlier,duplicate_of\r\n"
+    assert format_labels([("x", 1, 0.5)], header=False, decimals=6) == "x,1,0.500000,,,\r\n"
 
 
 def test_labels_with_cluster_names_read_the_same(tmp_path):
-    """The service's curated labels.csv: a fourth column cluster_name, read like three."""
+    """The service's curated labels.csv: a last column cluster_name, read like the others."""
     rows = [("a.png", 0, 0.5), ("b, c.png", 2, 0.25), ("d.png", 1, 1.0)]
     names = {0: "cats", 2: 'big "dogs", mostly'}
     text = format_labels(rows, cluster_names=names)
-    assert text == ('filename,cluster,confidence,cluster_name\r\na.png,0,0.5000,cats\r\n'
-                    '"b, c.png",2,0.2500,"big ""dogs"", mostly"\r\nd.png,1,1.0000,\r\n')
+    assert text == ('filename,cluster,confidence,outlier_score,outlier,duplicate_of,cluster_name\r\na.png,0,0.5000,,,,cats\r\n'
+                    '"b, c.png",2,0.2500,,,,"big ""dogs"", mostly"\r\nd.png,1,1.0000,,,,\r\n')
     assert format_labels(rows[:1], cluster_names=names) + format_labels(rows[1:], header=False,
                                                                          cluster_names=names) == text
     write_labels(tmp_path / "named.csv", rows, cluster_names=names)
@@ -51,6 +52,26 @@ def test_labels_with_cluster_names_read_the_same(tmp_path):
     assert (tmp_path / "named.csv").read_text(encoding="utf-8").replace("\r\n", "\n") == text.replace("\r\n", "\n")
     assert read_labels(tmp_path / "named.csv") == read_labels(tmp_path / "plain.csv") == \
         {"a.png": "0", "b, c.png": "2", "d.png": "1"}
+
+
+def test_flag_columns_name_the_earlier_image_and_read_like_the_old_shape(tmp_path):
+    """The estimator's arrays as rows: duplicate_of indices become the earlier image's name, the
+    outlier flag true/false, the score 3 decimals; read_labels reads the old 3-column files the same."""
+    import numpy as np
+
+    from sp2ot_engine.io.labels_csv import flagged_rows
+
+    names = ["a.png", "b, c.png", "d.png"]
+    rows = list(flagged_rows(names, np.array([0, 1, 0]), np.array([0.9, 0.8, 0.7]), np.array([0.25, 5.0, -1.0]),
+                             np.array([False, True, False]), np.array([-1, -1, 0])))
+    write_labels(tmp_path / "flags.csv", rows)
+    assert (tmp_path / "flags.csv").read_text(encoding="utf-8").splitlines() == [
+        "filename,cluster,confidence,outlier_score,outlier,duplicate_of",
+        "a.png,0,0.9000,0.250,false,", '"b, c.png",1,0.8000,5.000,true,', "d.png,0,0.7000,-1.000,false,a.png"]
+    (tmp_path / "old.csv").write_text('filename,cluster,confidence\na.png,0,0.9\n"b, c.png",1,0.8\nd.png,0,0.7\n',
+                                      encoding="utf-8")
+    assert read_labels(tmp_path / "flags.csv") == read_labels(tmp_path / "old.csv") == \
+        {"a.png": "0", "b, c.png": "1", "d.png": "0"}
 
 
 def test_truth_round_trip(tmp_path):

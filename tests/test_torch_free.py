@@ -116,7 +116,8 @@ API_SCRIPT = textwrap.dedent("""
         assert r.status_code == 200 and r.content == images[names[1]] and r.headers["content-type"] == "image/png"
         r = c.get(f"/jobs/{job}/export?format=zip")
         assert zipfile.ZipFile(io.BytesIO(r.content)).read(f"cluster_0/{names[0]}") == images[names[0]]
-        assert c.get(f"/jobs/{job}/labels.csv").text.startswith("filename,cluster,confidence\\r\\n")
+        assert c.get(f"/jobs/{job}/labels.csv").text.startswith(
+            "filename,cluster,confidence,outlier_score,outlier,duplicate_of\\r\\n")
     loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision", "timm")))
     print(loaded)
 """)

@@ -181,7 +181,8 @@ def test_curation_rename_merge_move_undo_reset(done):
     assert r.status_code == 200 and r.json()["done"] == {"edits_removed": 1, "images_restored": 0}
     assert labels(c, jid) == original
     plain = c.get(f"/jobs/{jid}/labels.csv")
-    assert plain.headers["x-sp2ot-curated"] == "false" and plain.text.startswith("filename,cluster,confidence\r\n")
+    assert plain.headers["x-sp2ot-curated"] == "false"
+    assert plain.text.startswith("filename,cluster,confidence,outlier_score,outlier,duplicate_of\r\n")
     assert post(c, f"/jobs/{jid}/curation/undo").status_code == 409
 
 
@@ -250,7 +251,7 @@ def test_exports_show_the_curated_clusters(done):
         assert r.headers["x-sp2ot-curated"] == "true" and "curated" in r.headers["content-disposition"]
         rows = parse_labels_csv(r.text)
         assert {row["filename"]: int(row["cluster"]) for row in rows} == current
-        assert r.text.startswith("filename,cluster,confidence,cluster_name\r\n")
+        assert r.text.startswith("filename,cluster,confidence,outlier_score,outlier,duplicate_of,cluster_name\r\n")
         assert {row["cluster_name"] for row in rows if row["cluster"] == "0"} == {"reds/and more"}
         assert r.text == c.get(f"/jobs/{jid}/labels.csv").text
 
@@ -261,7 +262,11 @@ def test_exports_show_the_curated_clusters(done):
         by_id = {cl["id"]: cl for cl in data["clusters"]}
         assert by_id[2]["size"] == 0 and by_id[1]["size"] == sum(1 for k in current.values() if k == 1)
         assert by_id[0]["name"] == "reds/and more" and len(by_id[0]["representatives"]) == 5
-        assert set(data["images"][0]) == {"filename", "cluster", "cluster_name", "confidence"}
+        assert set(data["images"][0]) == {"filename", "cluster", "cluster_name", "confidence", "outlier_score",
+                                          "outlier", "duplicate_of"}
+        # the fake flags the last image as an outlier; none of these names says "copy"
+        assert [im["outlier"] for im in data["images"]][-2:] == [False, True]
+        assert {im["duplicate_of"] for im in data["images"]} == {None} and data["k_choice"] is None
 
         tasks = c.get(f"/jobs/{jid}/export?format=labelstudio").json()
         assert len(tasks) == N_IMAGES

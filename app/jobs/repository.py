@@ -352,32 +352,56 @@ def end_attempt(session: Session, job_id: str, attempt: int, status: str, error:
 
 def record_success(session: Session, job_id: str, attempt: int, *, summary: dict[str, Any],
                    history: list[dict[str, Any]], metrics: dict[str, Any] | None, progress: dict[str, Any],
-                   filenames: Sequence[str], labels: Sequence[int], confidences: Sequence[float]) -> bool:
+                   filenames: Sequence[str], labels: Sequence[int], confidences: Sequence[float],
+                   flags: ImageFlags | None = None, n_clusters: int | None = None) -> bool:
     """running -> succeeded with its results, unless a cancel was asked meanwhile; the
-    assignment rows of an earlier attempt are replaced. False: nothing was written."""
+    assignment rows of an earlier attempt are replaced. ``n_clusters``: the K the worker chose
+    (a job that left K to it). False: nothing was written."""
     now = utcnow()
+    chosen = {"n_clusters": n_clusters} if n_clusters is not None else {}
     if not _transition(session, job_id, attempt, RUNNING, SUCCEEDED, where=(Job.cancel_requested.is_(False),),
                        summary=summary, history=history, metrics=metrics, finished_at=now, heartbeat_at=now,
-                       progress=progress, error=None):
+                       progress=progress, error=None, **chosen):
         return False
     session.execute(delete(Assignment).where(Assignment.job_id == job_id))
-    bulk_insert_assignments(session, job_id, filenames, labels, confidences)
+    bulk_insert_assignments(session, job_id, filenames, labels, confidences, flags)
     return True
 
 
-def bulk_insert_assignments(session: Session, job_id: str, filenames, labels, confidences) -> None:
-    """One row per image (``COPY`` on PostgreSQL, batched inserts elsewhere), in the session's transaction."""
-    rows = ((job_id, i, str(f), int(c), float(p)) for i, (f, c, p) in enumerate(zip(filenames, labels, confidences)))
+@dataclass
+class ImageFlags:
+    """The engine's per-image flags, one entry per image: outlier score, outlier, the filename
+    of the earlier image it duplicates (None: none)."""
+
+    outlier_scores: Sequence[float]
+    outliers: Sequence[bool]
+    duplicate_of: Sequence[str | None]
+
+
+_ASSIGNMENT_FIELDS = ("job_id", "idx", "filename", "cluster", "confidence", "outlier_score", "outlier", "duplicate_of")
+
+
+def bulk_insert_assignments(session: Session, job_id: str, filenames, labels, confidences,
+                            flags: ImageFlags | None = None) -> None:
+    """One row per image (``COPY`` on PostgreSQL, batched inserts elsewhere), in the session's
+    transaction. Without ``flags`` the flag columns stay null."""
+    n = len(filenames)
+    scores = flags.outlier_scores if flags is not None else [None] * n
+    outliers = flags.outliers if flags is not None else [None] * n
+    duplicates = flags.duplicate_of if flags is not None else [None] * n
+    rows = ((job_id, i, str(f), int(c), float(p), None if s is None else float(s), None if o is None else bool(o),
+             None if d is None else str(d))
+            for i, (f, c, p, s, o, d) in enumerate(zip(filenames, labels, confidences, scores, outliers, duplicates)))
     if session.bind.dialect.name == "postgresql":
         raw = session.connection().connection.driver_connection  # psycopg 3, same transaction
         with raw.cursor() as cur:
-            with cur.copy("COPY assignments (job_id, idx, filename, cluster, confidence) FROM STDIN") as copy:
+            with cur.copy(f"COPY assignments ({', '.join(_ASSIGNMENT_FIELDS)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
         return
     batch: list[dict[str, Any]] = []
-    for job, idx, f, c, p in rows:
-        batch.append({"job_id": job, "idx": idx, "filename": f, "cluster": c, "confidence": p})
+    for row in rows:
+        batch.append(dict(zip(_ASSIGNMENT_FIELDS, row)))
         if len(batch) >= 10_000:
             session.execute(insert(Assignment), batch)
             batch = []

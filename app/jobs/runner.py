@@ -273,6 +273,8 @@ def execute_job(
                 formulation=job.formulation, init=job.init, device=settings.device, random_state=job.seed,
                 num_workers=settings.num_workers,
             )
+            if job.n_clusters is None:  # the worker chooses K (issue 11)
+                kwargs.update(k_min=job.k_min, k_max=job.k_max)
             if settings.batch_size:
                 kwargs["batch_size"] = settings.batch_size
             est = cls(**kwargs)
@@ -411,6 +413,7 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
         "start": getattr(est, "start_", None),
         "start_scores": {str(k): float(v) for k, v in getattr(est, "start_scores_", {}).items()},
         "start_notes": [str(n) for n in getattr(est, "start_notes_", [])],
+        **_k_and_flag_summary(est, job),
     }
     history = clean_history(getattr(est, "history_", []))
     metrics = _evaluation(storage, job_id, filenames, labels) if job.has_truth else None
@@ -420,7 +423,8 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
     with db.begin() as s:
         written = repository.record_success(
             s, job_id, run.attempt, summary=summary, history=history, metrics=metrics, progress=progress,
-            filenames=filenames, labels=labels, confidences=confidences,
+            filenames=filenames, labels=labels, confidences=confidences, flags=_image_flags(est, filenames),
+            n_clusters=summary["n_clusters"] if job.n_clusters is None else None,
         )
     if written:
         log.info("job %s: succeeded (%d images)", job_id, len(filenames))
@@ -429,3 +433,31 @@ def _finalize_success(db: Database, storage: Storage, run: JobRun, est, job: rep
     if run.finish(JobStatus.CANCELLED):
         return "cancelled"
     return "superseded"
+
+
+# ---------------------------------------------------------------- chosen K and image flags (issue 11)
+def _k_and_flag_summary(est, job: repository.JobRecord) -> dict[str, Any]:
+    """The K used (``n_clusters``), how it was chosen when the job left it to the worker, and
+    how many images the engine flagged."""
+    out: dict[str, Any] = {"n_clusters": int(getattr(est, "n_clusters_", None) or job.n_clusters
+                                             or len(est.cluster_sizes_))}
+    curve = getattr(est, "k_curve_", None) or {}
+    if job.n_clusters is None and curve:
+        out["k_choice"] = {"chosen": out["n_clusters"], "criterion": str(est.k_criterion_),
+                           "k_min": min(curve), "k_max": max(curve),
+                           "curve": [[int(k), _num(v, float)] for k, v in sorted(curve.items())]}
+    if getattr(est, "outliers_", None) is not None:
+        out["n_outliers"] = int(sum(bool(x) for x in est.outliers_))
+        out["n_duplicates"] = int(sum(int(d) >= 0 for d in est.duplicate_of_))
+    return out
+
+
+def _image_flags(est, filenames: list[str]) -> repository.ImageFlags | None:
+    """The engine's per-image flags with ``duplicate_of`` as the earlier image's filename."""
+    if getattr(est, "outliers_", None) is None:
+        return None
+    return repository.ImageFlags(
+        outlier_scores=[_num(x, float) for x in est.outlier_scores_],
+        outliers=[bool(x) for x in est.outliers_],
+        duplicate_of=[filenames[int(d)] if int(d) >= 0 else None for d in est.duplicate_of_],
+    )

@@ -250,7 +250,28 @@ def job_page(request: Request, job_id: str, owner: PageOwner, session: ReadSessi
     return render(request, "result.html", owner=owner, job=job, clusters=clusters, cards=cards, paging=paging,
                   curation=info, history=history, tab="clusters", has_map=bool(artifacts_made.get("map")),
                   map_method=artifacts_made.get("map"), curve=job.history or [],
+                  k_curve=k_curve_drawing((job.summary or {}).get("k_choice")),
                   sizes=[{"id": c.id, "name": c.name, "size": c.size} for c in clusters])
+
+
+def k_curve_drawing(k_choice: dict[str, Any] | None, width: int = 600, height: int = 140) -> dict[str, Any] | None:
+    """The chosen-K curve as an SVG polyline (K left to right, criterion bottom to top), or None."""
+    if not k_choice or not k_choice.get("curve"):
+        return None
+    curve = [(int(k), v) for k, v in k_choice["curve"]]
+    values = [v for _, v in curve if v is not None] or [0.0]
+    lo, hi = min(values), max(values)
+    k0, k1 = curve[0][0], curve[-1][0]
+
+    def xy(k: int, v: float | None) -> tuple[float, float]:
+        x = 8 + (width - 16) * ((k - k0) / (k1 - k0) if k1 > k0 else 0.5)
+        y = height - 8 - (height - 16) * (((v if v is not None else lo) - lo) / (hi - lo) if hi > lo else 0.5)
+        return round(x, 1), round(y, 1)
+
+    chosen = int(k_choice["chosen"])
+    cx, cy = xy(chosen, dict(curve).get(chosen))
+    return {**k_choice, "curve": curve, "width": width, "height": height, "chosen_x": cx, "chosen_y": cy,
+            "points": " ".join(f"{x},{y}" for x, y in (xy(k, v) for k, v in curve))}
 
 
 @router.get("/ui/jobs/{job_id}/live.json")

@@ -1,11 +1,17 @@
 """The labels and truth CSV formats (torch-free).
 
-- **labels**: ``filename,cluster,confidence``, one row per image, a header first; written by
-  :func:`write_labels` / :func:`format_labels`, read by :func:`read_labels`. With
-  ``cluster_names`` (the service, once a person named or edited the clusters) a fourth column
-  ``cluster_name``; readers find the columns by name, so both shapes read the same.
+- **labels**: ``filename,cluster,confidence,outlier_score,outlier,duplicate_of``, one row per
+  image, a header first; written by :func:`write_labels` / :func:`format_labels`, read by
+  :func:`read_labels`. ``outlier_score`` is the modified z-score of the image's distance to the
+  nearest cluster mean and ``outlier`` is ``true`` above the fit's threshold
+  (:mod:`sp2ot_engine.flags`); ``duplicate_of`` is the filename of the earlier image it is a
+  (near-)duplicate of, empty if none. The three flag fields are empty for rows given without
+  them (a job clustered before the flags existed). With ``cluster_names`` (the service, once a
+  person named or edited the clusters) a last column ``cluster_name``; readers find the columns
+  by name, so every shape reads the same (files of the earlier ``filename,cluster,confidence``
+  shape too).
 - **assignments** (new images assigned to a fitted model's clusters, :func:`write_assignments`):
-  the labels columns then ``outlier_score,outlier``; :func:`read_labels` reads it too.
+  the labels columns up to ``outlier``; :func:`read_labels` reads it too.
 - **truth**: ``filename,label``; written by :func:`write_truth` (with a header), read by
   :func:`read_truth` (header optional); :func:`match_truth` matches its filenames to the
   names of a set of images (by path, or by an unambiguous base name).
@@ -33,10 +39,12 @@ from typing import Callable, Iterable, Mapping, Sequence, TextIO
 __all__ = [
     "ASSIGNMENTS_COLUMNS",
     "CONFIDENCE_DECIMALS",
+    "SCORE_DECIMALS",
     "LABELS_COLUMNS",
     "NAMED_LABELS_COLUMNS",
     "TRUTH_COLUMNS",
     "CsvFormatError",
+    "flagged_rows",
     "format_labels",
     "match_truth",
     "name_list",
@@ -48,7 +56,7 @@ __all__ = [
     "write_truth",
 ]
 
-LABELS_COLUMNS = ("filename", "cluster", "confidence")
+LABELS_COLUMNS = ("filename", "cluster", "confidence", "outlier_score", "outlier", "duplicate_of")
 #: The labels columns with the clusters' names (see :func:`format_labels`).
 NAMED_LABELS_COLUMNS = (*LABELS_COLUMNS, "cluster_name")
 TRUTH_COLUMNS = ("filename", "label")
@@ -61,7 +69,12 @@ _WRITE_BATCH = 10_000
 _DELIMITERS = ",;\t"
 _SNIFF_BYTES = 4096
 
-LabelRow = tuple[str, int, float]
+#: Digits after the decimal point of a written outlier score.
+SCORE_DECIMALS = 3
+
+#: ``(filename, cluster, confidence)`` or ``(filename, cluster, confidence, outlier_score,
+#: outlier, duplicate_of)`` with ``duplicate_of`` a filename or None.
+LabelRow = tuple
 
 
 class CsvFormatError(ValueError):
@@ -79,24 +92,41 @@ def spreadsheet_text(text: str) -> str:
 
 def format_labels(rows: Iterable[LabelRow], *, header: bool = True, decimals: int = CONFIDENCE_DECIMALS,
                   cluster_names: Mapping[int, str] | None = None, spreadsheet_safe: bool = False) -> str:
-    """``rows`` of ``(filename, cluster, confidence)`` as labels CSV text (``\\r\\n`` line ends,
-    quoting where a filename needs it). With ``header=False`` it continues an earlier chunk, so
-    a large table can be streamed in batches. With ``cluster_names`` (``{cluster: name}``) a
-    fourth column ``cluster_name`` (empty for a cluster without a name).
+    """``rows`` (:data:`LabelRow`: without the flags, their fields are left empty) as labels
+    CSV text (``\\r\\n`` line ends, quoting where a filename needs it). With ``header=False``
+    it continues an earlier chunk, so a large table can be streamed in batches. With
+    ``cluster_names`` (``{cluster: name}``) a last column ``cluster_name`` (empty for a cluster
+    without a name).
 
     Names are written exactly as they are (a join on file names must find them), unless
     ``spreadsheet_safe``: then a file or cluster name a spreadsheet would run as a formula gets
     a ``'`` in front (:func:`spreadsheet_text`), so opening the file runs nothing."""
-    def num(conf) -> str:
-        return f"{float(conf):.{decimals}f}"
-
     text = spreadsheet_text if spreadsheet_safe else str
-    if cluster_names is None:
-        return _csv_text(LABELS_COLUMNS if header else None,
-                         ((text(name), int(cluster), num(conf)) for name, cluster, conf in rows))
-    return _csv_text(NAMED_LABELS_COLUMNS if header else None,
-                     ((text(name), int(cluster), num(conf), text(cluster_names.get(int(cluster), "")))
-                      for name, cluster, conf in rows))
+
+    def fields(row: Sequence) -> list:
+        name, cluster, conf = row[:3]
+        out = [text(name), int(cluster), f"{float(conf):.{decimals}f}", "", "", ""]
+        if len(row) > 3:
+            score, outlier, dup = row[3:6]
+            out[3] = "" if score is None else f"{float(score):.{SCORE_DECIMALS}f}"
+            out[4] = "" if outlier is None else ("true" if outlier else "false")
+            out[5] = text(dup) if dup else ""
+        if cluster_names is not None:
+            out.append(text(cluster_names.get(int(cluster), "")))
+        return out
+
+    columns = LABELS_COLUMNS if cluster_names is None else NAMED_LABELS_COLUMNS
+    return _csv_text(columns if header else None, (fields(row) for row in rows))
+
+
+def flagged_rows(filenames: Sequence[str], labels, confidences, outlier_scores, outliers,
+                 duplicate_of) -> Iterable[LabelRow]:
+    """The full rows of a fitted estimator's arrays: ``duplicate_of`` holds indices into
+    ``filenames`` (``-1`` for none) and comes out as the earlier image's filename."""
+    for i, name in enumerate(filenames):
+        dup = int(duplicate_of[i])
+        yield (name, int(labels[i]), float(confidences[i]), float(outlier_scores[i]), bool(outliers[i]),
+               filenames[dup] if dup >= 0 else None)
 
 
 def write_labels(target: str | os.PathLike | TextIO, rows: Iterable[LabelRow], *,
@@ -260,7 +290,7 @@ def name_list(names: Sequence[str], n: int = NAMES_SHOWN) -> str:
 #: Columns of an assignments CSV (new images assigned to a fitted model's clusters): the labels
 #: columns, then ``outlier_score`` and ``outlier`` (``true``/``false``; both empty when the model
 #: has no outlier rule).
-ASSIGNMENTS_COLUMNS = (*LABELS_COLUMNS, "outlier_score", "outlier")
+ASSIGNMENTS_COLUMNS = LABELS_COLUMNS[:5]  # filename .. outlier: no earlier image of the fit to duplicate
 
 
 def write_assignments(target: str | os.PathLike | TextIO, names: Sequence[str], labels: Sequence[int],

@@ -45,6 +45,7 @@ from app.schemas import (
 from app.storage import Storage
 from app.uploads.form import ReceivedForm, receive_multipart
 from app.uploads.ingest import check_upload, image_names, read_upload_truth, store_upload
+from sp2ot_engine.auto_k import k_range
 from sp2ot_engine.io.labels_csv import write_truth
 from sp2ot_engine.options import BACKBONES, FORMULATIONS, INITS, MODES
 
@@ -58,7 +59,8 @@ ERRORS = {
 SPREADSHEET_SAFE = ("true: a file or cluster name starting with = + - @, a tab or a carriage return gets a ' in "
                     "front, so a spreadsheet opening the file runs no formula (the names then differ from the "
                     "archive's; keep false to join on file names)")
-TEXT_FIELDS = {"n_clusters", "backbone", "mode", "epochs", "formulation", "init", "seed", "dataset_id", "callback_url"}
+TEXT_FIELDS = {"n_clusters", "k_min", "k_max", "backbone", "mode", "epochs", "formulation", "init", "seed",
+               "dataset_id", "callback_url"}
 
 
 def job_links(request: Request, job_id: str) -> dict[str, str]:
@@ -79,7 +81,6 @@ def _get_job_or_404(session, owner: Owner, job_id: str) -> JobRecord:
 # --------------------------------------------------------------------------------- create
 _MULTIPART_SCHEMA = {
     "type": "object",
-    "required": ["n_clusters"],
     "properties": {
         "archive": {"type": "string", "format": "binary",
                     "description": "zip, tar, tar.gz, tar.bz2 or tar.xz of the images (or give dataset_id)"},
@@ -88,7 +89,12 @@ _MULTIPART_SCHEMA = {
         "truth": {"type": "string", "format": "binary",
                   "description": "optional CSV `filename,label` (ground truth, for GET /jobs/{id}/metrics; "
                                  "header optional, comma, semicolon or tab)"},
-        "n_clusters": {"type": "integer", "minimum": 2, "maximum": MAX_CLUSTERS},
+        "n_clusters": {"type": "integer", "minimum": 2, "maximum": MAX_CLUSTERS,
+                       "description": "number of clusters; omit it to let the worker choose K in k_min..k_max"},
+        "k_min": {"type": "integer", "minimum": 2, "maximum": MAX_CLUSTERS,
+                  "description": "without n_clusters: smallest K tried (default 2)"},
+        "k_max": {"type": "integer", "minimum": 2, "maximum": MAX_CLUSTERS,
+                  "description": "without n_clusters: largest K tried (default images // 20, 2..50)"},
         "backbone": {"type": "string", "enum": list(BACKBONES)},
         "mode": {"type": "string", "enum": list(MODES)},
         "epochs": {"type": "integer", "minimum": 1, "maximum": MAX_EPOCHS},
@@ -120,6 +126,8 @@ def _validation_message(e: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     return "Invalid job options: " + "; ".join(parts) + "."
 
@@ -135,8 +143,11 @@ def _parse_params(fields: dict[str, Any], model=JobParams):
 def _job_options(params: JobParams, settings: Settings) -> dict[str, Any]:
     """The options stored on the job row (server defaults filled in), or a 422 naming the one
     over a server limit (the choices themselves are the schema's enums)."""
-    if params.n_clusters > settings.max_clusters:
-        raise UploadRejected(f"n_clusters={params.n_clusters} is above the server limit of {settings.max_clusters}.")
+    for field in ("n_clusters", "k_min", "k_max"):
+        value = getattr(params, field)
+        if value is not None and value > settings.max_clusters:
+            raise UploadRejected(f"{field}={value} is above the server limit of {settings.max_clusters} "
+                                 "(SP2OT_MAX_CLUSTERS).")
     if params.epochs is not None and params.epochs > settings.max_epochs:
         raise UploadRejected(
             f"epochs={params.epochs} is above the server limit of {settings.max_epochs} (SP2OT_MAX_EPOCHS)."
@@ -162,7 +173,16 @@ def _callback_options(params: JobParams, settings: Settings) -> dict[str, Any]:
             "callback_status": repository.CALLBACK_PENDING}
 
 
-def _check_k(n_clusters: int, n_images: int) -> None:
+def _check_k(params: JobParams, n_images: int, opts: dict[str, Any]) -> None:
+    """A 422 when K (or the range K is chosen in) does not fit ``n_images``; a range is stored
+    resolved (the defaults of :func:`sp2ot_engine.auto_k.k_range` filled in)."""
+    n_clusters = params.n_clusters
+    if n_clusters is None:
+        try:
+            opts["k_min"], opts["k_max"] = k_range(n_images, params.k_min, params.k_max, samples="images")
+        except ValueError as e:
+            raise UploadRejected(f"{e}.") from None
+        return
     if n_clusters > n_images:
         raise UploadRejected(
             f"n_clusters={n_clusters} is larger than the number of images ({n_images}). "
@@ -202,7 +222,7 @@ def _create_from_upload(
     try:
         if archive is not None:
             checked = check_upload(archive.path, settings)
-            _check_k(params.n_clusters, checked.n_images)
+            _check_k(params, checked.n_images, opts)
             truth_rows = read_upload_truth(truth.path, truth.filename, checked.names) if truth is not None else None
             stored = store_upload(checked, job_dir)
             if truth_rows is not None:
@@ -219,7 +239,7 @@ def _create_from_upload(
                 ds = crud.get_dataset(s, owner, dataset_id, for_update=True)
                 if ds is None:
                     raise NotFound(f"No dataset {dataset_id!r} for this API key. List them with GET /datasets.")
-                _check_k(params.n_clusters, ds.n_images)
+                _check_k(params, ds.n_images, opts)
                 truth_rows = None
                 if truth is not None:
                     names = image_names(storage.abs(ds.files_path))
@@ -254,7 +274,7 @@ def _create_from_dataset(db: Database, settings: Settings, storage: Storage, own
         ds = crud.get_dataset(s, owner, body.dataset_id, for_update=True)
         if ds is None:
             raise NotFound(f"No dataset {body.dataset_id!r} for this API key. List them with GET /datasets.")
-        _check_k(body.n_clusters, ds.n_images)
+        _check_k(body, ds.n_images, opts)
         return _create_dataset_job(s, new_id(), owner, ds, idem_key, opts, False)
 
 
@@ -285,9 +305,9 @@ async def create_job(
     """Upload images and start clustering them.
 
     * `multipart/form-data`: the images as an archive in field **archive** (zip, tar,
-      tar.gz, tar.bz2, tar.xz) or a **dataset_id**, plus **n_clusters** and the optional
-      fields backbone, mode, epochs, formulation, init, seed, and an optional ground-truth CSV
-      `filename,label` in field **truth**.
+      tar.gz, tar.bz2, tar.xz) or a **dataset_id**, plus **n_clusters** (or, to let the worker
+      choose K, nothing or **k_min**/**k_max**) and the optional fields backbone, mode, epochs,
+      formulation, init, seed, and an optional ground-truth CSV `filename,label` in field **truth**.
     * `application/json`: `{"dataset_id": "...", "n_clusters": 10, ...}`.
 
     Answers **202** with the job and its links; poll `GET /jobs/{id}`. With an
@@ -480,6 +500,7 @@ def get_metrics(job_id: str, owner: OwnerDep, session: ReadSessionDep, storage: 
         truth=extra.get("truth"),
         curated=curation.curated,
         curation_edits=curation.edits,
+        k_choice=summary.get("k_choice"),
     )
 
 
