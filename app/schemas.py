@@ -75,7 +75,7 @@ class JobParams(BaseModel):
     mode: Mode | None = Field(None, description="Training schedule (default fast).")
     epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="Training epochs (default: the mode's; "
                                                                        "at most SP2OT_MAX_EPOCHS).")
-    formulation: Formulation | None = Field(None, description="OT formulation (default sp2ot).")
+    formulation: Formulation | None = Field(None, description="OT formulation (default p2ot, or SP2OT_DEFAULT_FORMULATION).")
     init: Init | None = Field(None, description="How the cluster head starts (default auto).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed (the estimator's random_state).")
     callback_url: str | None = Field(None, max_length=2048, description=(

@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=MODES, default=Mode.FAST.value,
                    help="fast: frozen backbone, only the head trains (default); full: fine-tune the last block")
     c.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 10 fast, 50 full)")
-    c.add_argument("--formulation", choices=FORMULATIONS, default=Formulation.SP2OT.value,
-                   help="transport formulation (default sp2ot)")
+    c.add_argument("--formulation", choices=FORMULATIONS, default=Formulation.P2OT.value,
+                   help="transport formulation (default p2ot: benchmarks/README.md, quality study)")
     c.add_argument("--init", choices=INITS, default=Init.AUTO.value,
                    help="where the cluster head starts (training keeps the partition it starts from):\n"
                         "auto: density and spectral, each trained; the higher silhouette wins (default)\n"

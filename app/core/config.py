@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     )
     default_backbone: Backbone = Backbone.EFFICIENTNET_LITE0
     default_mode: Mode = Mode.FAST
-    default_formulation: Formulation = Formulation.SP2OT
+    default_formulation: Formulation = Formulation.P2OT
     default_init: Init = Init.AUTO
     batch_size: int | None = Field(None, ge=2, description="Training batch size (default: the engine's).")
     num_workers: int = Field(0, ge=0, description="Image-decoding worker processes of a job.")
