@@ -12,8 +12,14 @@ import zipfile
 import pytest
 
 pytest.register_assert_rewrite("service_fixtures")
-from service_fixtures import chromium_missing, image_set, launch_chromium, make_zip, service_env  # noqa: E402
-from test_api_embedded import Server  # noqa: E402
+from service_fixtures import (  # noqa: E402
+    ServeProcess,
+    chromium_missing,
+    image_set,
+    launch_chromium,
+    make_zip,
+    service_env,
+)
 
 pytest_plugins = ["service_fixtures"]
 
@@ -25,7 +31,7 @@ def browser_page(tmp_path, engine_path):
     """A server, a browser page on it, and the JavaScript errors the page meets."""
     from playwright.sync_api import sync_playwright
 
-    server = Server(service_env(data_dir=tmp_path / "data", estimator=engine_path), tmp_path / "serve.log")
+    server = ServeProcess(service_env(data_dir=tmp_path / "data", estimator=engine_path), tmp_path / "serve.log")
     server.wait_ready()
     errors: list[str] = []
     try:
