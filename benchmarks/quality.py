@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cached_features  # noqa: E402
+from sp2ot_engine.options import INITS  # noqa: E402
 
 ROWS = ("kmeans", "spectral", "ot", "uot", "pot", "p2ot", "sp2ot")
 METRICS = ("acc", "nmi", "f1", "head_acc", "medium_acc", "tail_acc")
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--full-epochs", type=int, default=None, help="full-mode epochs (default --epochs)")
-    ap.add_argument("--init", default="auto", choices=("auto", "random", "kmeans"), help="cluster-head init")
+    ap.add_argument("--init", default="auto", choices=INITS, help="cluster-head start")
     ap.add_argument("--workers", type=int, default=0, help="full mode: image-decoding worker processes")
     ap.add_argument("--input-sizes", default="224")
     ap.add_argument("--backgrounds", default="", help="comma list: run the transparency study instead")

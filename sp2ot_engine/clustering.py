@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Callable
@@ -289,33 +289,26 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             self.n_clusters_ = int(self.n_clusters)
         cfg = self._config(n, seed)
         starts = self._start_prototypes(features, plan, start_graph, seed, report)
-        if self.mode == "full" and len(starts) > 1:  # one full-mode training: the start with the best raw silhouette
-            best = max(starts, key=lambda s: s[2])
-            self.start_notes_.append(f"full mode trains one start: {best[0]} (silhouette {best[2]:.3f})")
-            starts = [best]
-        encoder = None
+        encoder, compared = None, []
+        if self.mode == "full" and backbone is not None and len(starts) > 1:
+            # full mode trains one start: the one that wins when both are trained in fast mode first
+            fast_cfg = replace(cfg, epochs=DEFAULT_EPOCHS["fast"])
+            fast_batches, fast_steps = feature_batches(features, cfg.batch_size, seed)
+            compared = self._train_starts(starts, fast_cfg, None, fast_batches, fast_steps, features, graph, device,
+                                          None, should_stop, seed)
+            best = _best_start(compared)
+            self.start_notes_.append(
+                f"full mode trains one start: {best[3]}, the better when the starts were trained in fast mode first "
+                f"(silhouettes {', '.join(f'{t[3]} {t[0]:.3f}' for t in compared)})")
+            starts = [starts[best[2]]]
         if self.mode == "fast" or backbone is None:
             batches, steps = feature_batches(features, cfg.batch_size, seed)
         else:
             batches, steps, encoder = self._image_batches(collection, backbone, cfg, device)
-        trained = []
-        for i, (name, prototypes, _) in enumerate(starts):
-            head = CosineHead(features.shape[1], cfg.n_clusters, generator=torch.Generator().manual_seed(seed))
-            if prototypes is not None:
-                head.weight.data.copy_(prototypes)
-            head = head.to(device)
-            with _seeded_global_rng(seed, device) if encoder is not None else contextlib.nullcontext():
-                result = train_head(cfg, encoder, head, batches, steps, graph, device,
-                                    progress=_share_of_training(report, i, len(starts)), should_stop=should_stop)
-            head.load_state_dict(result.head_state)
-            score = None
-            if len(starts) > 1:
-                labels = predict_logits(head, features, device).argmax(dim=1).numpy()
-                # the same points for every start and every seed: a paired comparison, not sampling noise
-                score = mean_silhouette(features.numpy(), labels, random_state=0)
-            trained.append((score if score is not None else 0.0, starts[i][2], i, name, head, result))
+        trained = self._train_starts(starts, cfg, encoder, batches, steps, features, graph, device, report,
+                                     should_stop, seed)
         _, _, _, self.start_, head, result = _best_start(trained)
-        self.start_scores_ = {t[3]: t[0] for t in trained} if len(trained) > 1 else {}
+        self.start_scores_ = {t[3]: t[0] for t in (trained if len(trained) > 1 else compared)}
         if encoder is not None and result.encoder_state is not None:
             encoder.load_state_dict(result.encoder_state)
             features = self._extract(encoder, collection, device, report, should_stop, stage="predicting")
@@ -540,6 +533,29 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             graph = start_graph if kernel == "cosine" else knn_graph(features, k=k, kernel=kernel, sigma=self.sigma,
                                                                      device=where)
         return start_graph, graph
+
+    def _train_starts(self, starts, cfg: TrainConfig, encoder, batches, steps: int, features: torch.Tensor, graph,
+                      device: torch.device, report: "_Reporter | None", should_stop, seed: int) -> list[tuple]:
+        """Train a head from each start; ``(silhouette, start silhouette, index, name, head,
+        result)`` per start (silhouettes only when there are several to choose from)."""
+        trained = []
+        for i, (name, prototypes, start_score) in enumerate(starts):
+            head = CosineHead(features.shape[1], cfg.n_clusters, generator=torch.Generator().manual_seed(seed))
+            if prototypes is not None:
+                head.weight.data.copy_(prototypes)
+            head = head.to(device)
+            progress = _share_of_training(report, i, len(starts)) if report is not None else None
+            with _seeded_global_rng(seed, device) if encoder is not None else contextlib.nullcontext():
+                result = train_head(cfg, encoder, head, batches, steps, graph, device, progress=progress,
+                                    should_stop=should_stop)
+            head.load_state_dict(result.head_state)
+            score = 0.0
+            if len(starts) > 1:
+                labels = predict_logits(head, features, device).argmax(dim=1).numpy()
+                # the same points for every start and every seed: a paired comparison, not sampling noise
+                score = mean_silhouette(features.numpy(), labels, random_state=0)
+            trained.append((score, start_score, i, name, head, result))
+        return trained
 
     def _start_prototypes(self, features: torch.Tensor, plan: list[str], graph, seed: int,
                           report: "_Reporter") -> list[tuple[str, torch.Tensor | None, float]]:

@@ -161,6 +161,9 @@ def test_full_mode_fine_tunes_the_last_block_on_images(tmp_path):
     assert np.array_equal(again.labels_, est.labels_)
     assert len(est.labels_) == 18 and est.filenames_[0] == "img_00.png"
     assert est.encoder_state_ is not None  # the fine-tuned backbone is kept with the model
+    # one full-mode training, of the start that won when both were trained in fast mode first
+    assert set(est.start_scores_) == {"density", "spectral"}, est.start_notes_
+    assert any("trained in fast mode first" in note and est.start_ in note for note in est.start_notes_)
     groups = [{int(est.labels_[i]) for i in range(g, 18, 3)} for g in range(3)]
     assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3, groups
 
