@@ -107,8 +107,9 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         mode: ``"fast"`` (frozen backbone, cached features, only the head trains) or
             ``"full"`` (the paper's: the backbone's last block is fine-tuned on augmented views).
         epochs: training epochs (default 10 fast, 50 full; per start: ``init="auto"`` trains two).
-        formulation: ``"p2ot"`` (default: from the graph starts it scores at least as well as
-            ``"sp2ot"`` on every benchmark set, in a third of the time; ``benchmarks/README.md``),
+        formulation: ``"p2ot"`` (default: from the graph starts it scores as well as ``"sp2ot"``,
+            within the seed spread or better, on every benchmark set, in a third of the time;
+            ``benchmarks/README.md``),
             ``"sp2ot"`` (the paper's, with the kNN-graph term), ``"pot"``, ``"uot"`` or ``"ot"``.
         batch_size, bank_batches: batch size and memory-bank length in batches.
         lr, lr_min: Adam learning rate, cosine-decayed to ``lr_min``.
