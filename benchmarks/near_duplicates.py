@@ -10,8 +10,10 @@ through four alterations: re-encoded as JPEG, resized (bicubic), slightly croppe
 at once (``--strength mild``, the default: quality 70-95, 0.85-1.5x, one pixel off two sides;
 ``strong``: quality 60-90, 0.75-1.5x, 1-3 pixels off every side). Every
 image goes through the engine's own path (decode, RGB on white, eval transform) to the default
-backbone's features (EfficientNet-Lite0, offline weights), the cosine 20-NN graph of the
-estimator is built, and :func:`sp2ot_engine.flags.duplicate_of` runs at each threshold.
+backbone's features (EfficientNet-Lite0, offline weights) and the 64-bit perceptual hash of the
+same decoded image (as the estimator's feature extraction computes them), the cosine 20-NN graph
+of the estimator is built, and :func:`sp2ot_engine.flags.duplicate_of` runs at each threshold:
+features alone (as for a fit on a feature matrix), then features with hashes (a fit on images).
 
 A flagged image (``duplicate_of >= 0``) is right when it and the image it points to are an
 injected original/copy pair; recall is the share of injected pairs flagged that way (either
@@ -35,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ALTERATIONS = ("jpeg", "resize", "crop", "all")
 THRESHOLDS = (0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+HASH_THRESHOLDS = (0.85, 0.88, 0.90, 0.92)
+MAX_HAMMINGS = (0, 2, 4, 6, 8)
 
 
 #: How hard each alteration is: JPEG quality range, resize factor range, pixels cropped per side and
@@ -118,17 +122,28 @@ class _Images:
     def __getitem__(self, i: int):
         from sp2ot_engine.io.decode import to_rgb
 
-        return self.transform(to_rgb(Image.fromarray(self.images[i]), "white")), i
+        from sp2ot_engine.flags import perceptual_hash_int64
+
+        rgb = to_rgb(Image.fromarray(self.images[i]), "white")
+        return self.transform(rgb), i, perceptual_hash_int64(rgb)
 
 
-def features_of(images) -> np.ndarray:
+def features_of(images) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features (``N x d``) and perceptual hashes (``N`` uint64) of the same decoded images,
+    as the estimator's feature extraction makes them."""
     from sp2ot_engine.backbones import create_backbone, extract_features
     from sp2ot_engine.transforms import eval_transform
 
     bb = create_backbone("efficientnet_lite0")
     bb.freeze_all()
     data = _Images(images, eval_transform(bb.input_size, bb.mean, bb.std))
-    return extract_features(bb, data, batch_size=64, num_workers=0).numpy()
+    hashes = np.zeros(len(images), dtype=np.int64)
+
+    def keep(index, extras) -> None:
+        hashes[index.numpy()] = extras[0].numpy()
+
+    x = extract_features(bb, data, batch_size=64, num_workers=0, on_extras=keep).numpy()
+    return x, hashes.view(np.uint64)
 
 
 def score(dup: np.ndarray, pairs) -> tuple[float, float, dict[str, float]]:
@@ -154,14 +169,15 @@ def main() -> None:
     import faiss
     import torch
 
-    from sp2ot_engine.flags import DUPLICATE_THRESHOLD, duplicate_of
+    from sp2ot_engine.flags import (DUPLICATE_HASH_THRESHOLD, DUPLICATE_MAX_HAMMING, DUPLICATE_THRESHOLD, duplicate_of,
+                                    hamming)
     from sp2ot_engine.graph import knn_graph
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     images, pairs, n_dropped = build_set(args.n, args.share, args.seed, args.strength)
     t = time.perf_counter()
-    x = features_of(images)
+    x, hashes = features_of(images)
     print(f"{args.strength} alterations: {len(images)} images ({args.n} distinct Fashion-MNIST test images + {len(pairs)} altered copies, "
           f"{100 * len(pairs) / len(images):.1f} % of the set; {n_dropped} pixel-identical repeats passed over), "
           f"features in {time.perf_counter() - t:.0f} s")
@@ -169,14 +185,35 @@ def main() -> None:
     sims = np.array([float(np.dot(x[a], x[b]) / np.linalg.norm(x[a]) / np.linalg.norm(x[b])) for a, b, _ in pairs])
     print(f"cosine similarity of the injected pairs: min {sims.min():.3f}, 5th percentile "
           f"{np.percentile(sims, 5):.3f}, median {np.median(sims):.3f}")
+    print("features alone (fitted on a feature matrix):")
     print("| threshold | flagged | recall | precision | recall per alteration (" + ", ".join(ALTERATIONS) + ") |")
     print("|---|---|---|---|---|")
     for threshold in sorted(set(THRESHOLDS) | {DUPLICATE_THRESHOLD}):
         dup = duplicate_of(graph, threshold)
-        recall, precision, per_kind = score(dup, pairs)
-        mark = " (default)" if threshold == DUPLICATE_THRESHOLD else ""
-        print(f"| {threshold:.2f}{mark} | {int((dup >= 0).sum())} | {recall:.3f} | {precision:.3f} | "
-              + " / ".join(f"{per_kind[k]:.2f}" for k in ALTERATIONS) + " |", flush=True)
+        _row(f"{threshold:.2f}" + (" (default)" if threshold == DUPLICATE_THRESHOLD else ""), dup, pairs)
+    ham = hamming(hashes[[a for a, _, _ in pairs]], hashes[[b for _, b, _ in pairs]])
+    print(f"perceptual-hash Hamming distance of the injected pairs: median {np.median(ham):.0f}, 90th percentile "
+          f"{np.percentile(ham, 90):.0f}, max {ham.max()} (of 64); per alteration max "
+          + ", ".join(f"{k} {max(int(h) for h, p in zip(ham, pairs) if p[2] == k)}" for k in ALTERATIONS))
+    print("perceptual hashes alone on the same graph edges (no similarity floor):")
+    print("| max Hamming | flagged | recall | precision | recall per alteration (" + ", ".join(ALTERATIONS) + ") |")
+    print("|---|---|---|---|---|")
+    for max_hamming in MAX_HAMMINGS:
+        _row(str(max_hamming), duplicate_of(graph, 2.0, hashes=hashes, max_hamming=max_hamming, hash_threshold=-1.0),
+             pairs)
+    print("features and perceptual hashes (fitted on images): an edge joins when cos >= threshold, or when "
+          "cos >= hash threshold and the hashes differ in at most max Hamming bits:")
+    print("| threshold | hash threshold | max Hamming | flagged | recall | precision | recall per alteration (" + ", ".join(ALTERATIONS) + ") |")
+    print("|---|---|---|---|---|---|---|")
+    for threshold in (0.95, 0.96, 0.97):
+        for hash_threshold in HASH_THRESHOLDS:
+            for max_hamming in MAX_HAMMINGS:
+                dup = duplicate_of(graph, threshold, hashes=hashes, max_hamming=max_hamming,
+                                   hash_threshold=hash_threshold)
+                default = (threshold, hash_threshold, max_hamming) == (DUPLICATE_THRESHOLD, DUPLICATE_HASH_THRESHOLD,
+                                                                       DUPLICATE_MAX_HAMMING)
+                _row(f"{threshold:.2f} | {hash_threshold:.2f} | {max_hamming}" + (" (default)" if default else ""),
+                     dup, pairs)
     # the same graph edges ranked by two similarities: what any threshold could reach at precision 0.95
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     z = whitened(x)
@@ -184,6 +221,12 @@ def main() -> None:
         rec, at = best_recall_at_precision(graph, lambda r, c, f=feats: np.einsum("nd,nd->n", f[r], f[c]), pairs)
         print(f"edges of the 20-NN graph ranked by {name}: best recall at precision >= 0.95 is {rec:.3f} "
               f"(similarity >= {at:.3f})")
+
+
+def _row(head: str, dup: np.ndarray, pairs) -> None:
+    recall, precision, per_kind = score(dup, pairs)
+    print(f"| {head} | {int((dup >= 0).sum())} | {recall:.3f} | {precision:.3f} | "
+          + " / ".join(f"{per_kind[k]:.2f}" for k in ALTERATIONS) + " |", flush=True)
 
 
 def best_recall_at_precision(graph, scores_of, pairs, precision: float = 0.95) -> tuple[float, float]:

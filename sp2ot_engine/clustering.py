@@ -24,7 +24,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from sp2ot_engine.auto_k import choose_k, k_range
 from sp2ot_engine.errors import Cancelled
-from sp2ot_engine.flags import DUPLICATE_THRESHOLD, OUTLIER_THRESHOLD, OutlierRule, duplicate_of, fit_outlier_rule
+from sp2ot_engine.flags import (DUPLICATE_THRESHOLD, OUTLIER_THRESHOLD, OutlierRule, duplicate_of, fit_outlier_rule,
+                                perceptual_hash_int64)
 from sp2ot_engine.io.archive import Manifest, upload_of_manifest
 from sp2ot_engine.io.collection import ImageCollection
 from sp2ot_engine.options import FORMULATIONS, INITS, KERNELS, MODES, PROGRESS_FIELDS, RHO_SCHEDULES
@@ -130,7 +131,9 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             (:func:`sp2ot_engine.flags.outlier_scores`; default 3.5).
         duplicate_threshold: cosine similarity of the features from which an image is a
             near-duplicate of an earlier one (:func:`sp2ot_engine.flags.duplicate_of`; default
-            chosen with ``benchmarks/near_duplicates.py``).
+            chosen with ``benchmarks/near_duplicates.py``). Fitted on images, two images with
+            similarity at least ``flags.DUPLICATE_HASH_THRESHOLD`` whose perceptual hashes
+            differ in at most ``flags.DUPLICATE_MAX_HAMMING`` bits are near-duplicates as well.
         background: colour transparent pixels are flattened onto.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         num_workers: image-decoding worker processes.
@@ -151,7 +154,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         of the tried ``K`` when ``n_clusters`` is None, else ``{}``), k_criterion_ (its name or None),
         outlier_scores_ (``N`` modified z-scores of the distance to the nearest cluster mean),
         outliers_ (``N`` booleans: score above ``outlier_threshold``), duplicate_of_ (``N`` ints:
-        the index of the earlier image each one duplicates, ``-1`` for none).
+        the index of the earlier image each one duplicates, ``-1`` for none), image_hashes_ (``N``
+        uint64 perceptual hashes of the decoded images, None when fitted on features).
     """
 
     _parameter_constraints: dict = {
@@ -263,13 +267,15 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         if _is_images(X):
             collection, owns_collection = self._scan(X, report)
             backbone = self._make_backbone(device)
-            features = self._extract(backbone, collection, device, report, should_stop)
+            features, self.image_hashes_ = self._extract(backbone, collection, device, report, should_stop,
+                                                         with_hashes=True)
             self.filenames_ = list(collection.names)
             self.skipped_ = list(collection.skipped)
             self.fitted_on_ = "images"
             self.n_features_in_ = int(features.shape[1])
         else:
             features = self._as_features(X, reset=True)
+            self.image_hashes_ = None  # no decoded images: the feature rule alone flags duplicates
             self.filenames_ = [str(i) for i in range(features.shape[0])]
             self.skipped_ = []
             self.fitted_on_ = "features"
@@ -322,8 +328,8 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
         self.outlier_rule_ = fit_outlier_rule(self.features_, self.labels_)
         self.outlier_scores_ = self.outlier_rule_.scores(self.features_)
         self.outliers_ = self.outlier_scores_ > self.outlier_threshold
-        self.duplicate_of_ = (duplicate_of(start_graph, self.duplicate_threshold) if start_graph is not None
-                              else np.full(n, -1, dtype=np.int64))
+        self.duplicate_of_ = (duplicate_of(start_graph, self.duplicate_threshold, hashes=self.image_hashes_)
+                              if start_graph is not None else np.full(n, -1, dtype=np.int64))
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.head_state_ = {k: v.detach().cpu() for k, v in head.state_dict().items()}
@@ -595,12 +601,20 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             bb.freeze_all()
         return bb
 
-    def _extract(self, backbone, collection, device, report: "_Reporter", should_stop, stage: str = "features"):
+    def _extract(self, backbone, collection, device, report: "_Reporter", should_stop, stage: str = "features",
+                 with_hashes: bool = False):
+        """The ``N x d`` features of the collection; with ``with_hashes``, ``(features, hashes)``
+        with the ``N`` uint64 perceptual hashes of the same decoded images."""
         from sp2ot_engine.backbones import extract_features
         from sp2ot_engine.io.loader import ImageDataset
         from sp2ot_engine.transforms import eval_transform
 
-        dataset = ImageDataset(collection, eval_transform(backbone.input_size, backbone.mean, backbone.std))
+        dataset = ImageDataset(collection, eval_transform(backbone.input_size, backbone.mean, backbone.std),
+                               image_hash=perceptual_hash_int64 if with_hashes else None)
+        hashes = np.zeros(len(collection), dtype=np.int64) if with_hashes else None
+
+        def keep_hashes(index: torch.Tensor, extras: tuple) -> None:
+            hashes[index.numpy()] = extras[0].numpy()
 
         def on_batch(done: int, total: int) -> None:
             if should_stop is not None and should_stop():
@@ -608,8 +622,9 @@ class SP2OTClustering(ClusterMixin, BaseEstimator):
             report({"stage": stage, "percent": 100.0 * done / max(total, 1)})
 
         batch = 64 if device.type == "cpu" else 256
-        return extract_features(backbone, dataset, batch_size=batch, num_workers=self.num_workers, device=device,
-                                progress=on_batch)
+        features = extract_features(backbone, dataset, batch_size=batch, num_workers=self.num_workers, device=device,
+                                    progress=on_batch, on_extras=keep_hashes if with_hashes else None)
+        return (features, hashes.view(np.uint64)) if with_hashes else features
 
     def _image_batches(self, collection, backbone, cfg: TrainConfig, device):
         from sp2ot_engine.io.loader import ImageDataset, make_loader

@@ -8,7 +8,8 @@ import pytest
 from sp2ot_engine import SP2OTClustering
 from sp2ot_engine.auto_k import K_CRITERIA, choose_k, k_range
 from sp2ot_engine.cli import main
-from sp2ot_engine.flags import OUTLIER_THRESHOLD, duplicate_of, outlier_scores
+from sp2ot_engine.flags import (DUPLICATE_HASH_THRESHOLD, DUPLICATE_MAX_HAMMING, DUPLICATE_THRESHOLD, OUTLIER_THRESHOLD,
+                                duplicate_of, hamming, outlier_scores, perceptual_hash)
 from sp2ot_engine.graph import knn_graph
 
 
@@ -119,6 +120,77 @@ def test_duplicate_of_points_copies_to_the_first_of_their_group():
     dup = duplicate_of(knn_graph(x, k=10, kernel="cosine"), threshold=0.999)
     assert dup[n - 3] == 3 and dup[n - 2] == 10 and dup[n - 1] == 3  # the earliest image of the group
     assert (dup[:n - 3] == -1).all()  # distinct images (cos < 0.999 here) are not flagged
+
+
+def scene(seed: int, size: int = 96):
+    """A photo-like RGB image: a smooth gradient with blurred coloured shapes."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)
+    base = np.outer(ramp, rng.uniform(40, 200, 3))[:, None, :] + np.outer(ramp, rng.uniform(0, 60, 3))[None, :, :]
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, size - 20, 2)
+        w, h = rng.integers(12, size // 2, 2)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((int(x0), int(y0), int(x0 + w), int(y0 + h)), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img.filter(ImageFilter.GaussianBlur(1.5))
+
+
+def reencoded_and_resized(img, quality: int = 75, scale: float = 0.8):
+    import io
+
+    from PIL import Image
+
+    small = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def test_the_perceptual_hash_keeps_a_reencoded_resized_copy_close_and_distinct_images_apart():
+    originals = [scene(s) for s in range(12)]
+    hashes = np.array([perceptual_hash(im) for im in originals], dtype=np.uint64)
+    copies = np.array([perceptual_hash(reencoded_and_resized(im)) for im in originals], dtype=np.uint64)
+    assert (hamming(hashes, copies) <= DUPLICATE_MAX_HAMMING).all()
+    i, j = np.triu_indices(len(originals), k=1)
+    assert hamming(hashes[i], hashes[j]).min() > DUPLICATE_MAX_HAMMING
+
+
+def test_duplicate_of_joins_a_look_alike_pair_through_the_hash_only():
+    import scipy.sparse as sp
+
+    original, other = scene(20), scene(21)
+    hashes = np.array([perceptual_hash(im) for im in (original, reencoded_and_resized(original), other)],
+                      dtype=np.uint64)
+    look_alike = (DUPLICATE_HASH_THRESHOLD + DUPLICATE_THRESHOLD) / 2  # too low for the features alone
+    graph = sp.csr_matrix(np.array([[0, look_alike, look_alike], [look_alike, 0, look_alike],
+                                    [look_alike, look_alike, 0]], dtype=np.float32))
+    assert (duplicate_of(graph) == -1).all()
+    assert duplicate_of(graph, hashes=hashes).tolist() == [-1, 0, -1]  # the copy, not the other image
+    below = graph.copy()
+    below.data[:] = DUPLICATE_HASH_THRESHOLD - 0.01  # equal hashes do not outvote far features
+    assert (duplicate_of(below, hashes=hashes[[0, 0, 0]]) == -1).all()
+
+
+def test_a_fit_on_images_hashes_the_decoded_images_and_flags_a_reencoded_copy(tmp_path):
+    from PIL import Image
+
+    for s in range(11):
+        scene(30 + s).save(tmp_path / f"img_{s:02d}.png")
+    reencoded_and_resized(scene(30), quality=90, scale=0.9).save(tmp_path / "img_11.jpg")
+    est = SP2OTClustering(3, epochs=1, batch_size=6, input_size=64, random_state=0).fit(tmp_path)
+    unit = est.features_ / np.linalg.norm(est.features_, axis=1, keepdims=True)
+    assert float(unit[0] @ unit[11]) < DUPLICATE_THRESHOLD  # the features alone would not flag the copy
+    assert est.image_hashes_.dtype == np.uint64 and len(est.image_hashes_) == 12
+    expected = [perceptual_hash(Image.open(tmp_path / name).convert("RGB")) for name in est.filenames_]
+    assert est.image_hashes_.tolist() == [int(h) for h in expected]
+    assert est.filenames_[int(est.duplicate_of_[11])] == "img_00.png"
+    assert (est.duplicate_of_[:11] == -1).all()
+    on_features = SP2OTClustering(3, epochs=1, batch_size=6, random_state=0).fit(est.features_)
+    assert on_features.image_hashes_ is None
 
 
 def test_a_saved_model_scores_new_samples_by_the_fits_outlier_rule(tmp_path):

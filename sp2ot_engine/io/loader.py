@@ -18,15 +18,18 @@ class ImageDataset(Dataset):
 
     ``min_side`` (default: the transform's ``decode_min_side`` attribute, set by
     :func:`eval_transform` / :func:`train_transform`) lets big JPEGs decode at a reduced scale.
-    With ``transform=None`` the PIL image itself is returned.
+    With ``transform=None`` the PIL image itself is returned. With ``image_hash`` (a function of
+    the decoded PIL image to an int64, e.g. a perceptual hash viewed as int64) items are
+    ``(x, i, image_hash(image))``: the hash of the very image that was transformed.
     """
 
     returns_index = True  # the second item of each sample is its dataset index
 
     def __init__(self, collection: ImageCollection, transform: Callable | None = None, *,
-                 min_side: int | None = None):
+                 min_side: int | None = None, image_hash: Callable | None = None):
         self.collection = collection
         self.transform = transform
+        self.image_hash = image_hash
         self.min_side = min_side if min_side is not None else getattr(transform, "decode_min_side", None)
 
     def __len__(self) -> int:
@@ -38,7 +41,8 @@ class ImageDataset(Dataset):
         # DataLoader workers already run single-threaded; do the same in the main process.
         with single_threaded():
             img = self.collection.load(i, min_side=self.min_side)
-            return (self.transform(img) if self.transform is not None else img), i
+            x = self.transform(img) if self.transform is not None else img
+            return (x, i) if self.image_hash is None else (x, i, self.image_hash(img))
 
 
 class single_threaded:
