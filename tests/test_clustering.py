@@ -10,6 +10,7 @@ from sklearn.base import clone
 
 from sp2ot_engine import Cancelled, SP2OTClustering
 from sp2ot_engine.metrics import evaluate
+from test_starts import long_tailed_mixture  # a wide head class and three compact tail classes
 
 
 def long_tailed_blobs(sizes=(300, 120, 50, 20), dim=16, seed=0):
@@ -226,20 +227,11 @@ def test_fit_from_a_manifest_or_a_collection_and_predict_images(tmp_path):
         est.predict_images(np.zeros((3, 2)))
 
 
-def wide_head_mixture(seed: int, sizes=(3000, 300, 100, 40), d: int = 32, spread=(0.45, 0.12, 0.12, 0.12)):
-    """A wide head class and three compact tail classes: k-means spends centroids on the head."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(len(sizes), d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    x = np.concatenate([c + s * rng.normal(size=(n, d)) for c, n, s in zip(centres, sizes, spread)])
-    return x.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
-
-
 def test_default_start_finds_the_tail_that_a_kmeans_start_keeps_merged():
     """What the quality study found, at small scale: training keeps the partition it starts
     from; from k-means' centroids it keeps the head class split and the tail merged, from the
     default graph start it recovers the tail classes."""
-    x, y = wide_head_mixture(0)
+    x, y = long_tailed_mixture(0)
     params = dict(formulation="p2ot", epochs=5, batch_size=512, random_state=0)
     from_kmeans = evaluate(y, SP2OTClustering(4, init="kmeans", **params).fit_predict(x))
     default = SP2OTClustering(4, **params).fit(x)
@@ -252,7 +244,7 @@ def test_default_start_finds_the_tail_that_a_kmeans_start_keeps_merged():
 def test_default_gives_the_same_clusters_from_every_seed():
     from sklearn.metrics import adjusted_rand_score
 
-    x, _ = wide_head_mixture(1)
+    x, _ = long_tailed_mixture(1)
     labels = [SP2OTClustering(4, formulation="p2ot", epochs=5, random_state=s).fit_predict(x) for s in (0, 1, 2)]
     assert adjusted_rand_score(labels[0], labels[1]) > 0.99
     assert adjusted_rand_score(labels[0], labels[2]) > 0.99
